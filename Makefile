@@ -1,0 +1,75 @@
+# The one interface for people and CI. Variables pass through:
+#   make train MODEL=lenet EPOCHS=2 ARGS="--loss focal"     make serve PORT=3111 MODEL_VERSION=...
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+MODEL ?=
+EPOCHS ?=
+ARGS ?=
+PORT ?= 3000
+ARTIFACTS_DIR ?= artifacts
+MODEL_NAME ?= $(if $(MODEL),$(MODEL),cnn)
+MODEL_VERSION ?=
+DEVICE ?= auto
+WORKERS ?= 1
+PYTEST_ARGS ?=
+
+export ARTIFACTS_DIR MODEL_NAME MODEL_VERSION DEVICE WORKERS
+
+TRAIN_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+	--artifacts-dir $(ARTIFACTS_DIR) $(ARGS)
+
+.PHONY: setup data train cv list promote test serve bench bento containerize clean-venv
+
+setup: $(STAMP)
+
+# Reinstall only when the pins change.
+$(STAMP): requirements.txt requirements-dev.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+# Fashion-MNIST: DATA_DIR if given, else ./data, else the Debian package (installed when possible).
+data:
+	@if [ -n "$(DATA_DIR)" ] || [ -d data/FashionMNIST ] || [ -f $(FMNIST)/t10k-labels-idx1-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Fashion-MNIST from Debian (dataset-fashion-mnist)"; \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	else echo "error: no Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' or set DATA_DIR=/folder/with/idx-files"; exit 1; fi
+
+train: setup data
+	$(PY) -m training train $(TRAIN_FLAGS)
+
+cv: setup data
+	$(PY) -m training cv $(TRAIN_FLAGS) $(if $(FOLDS),--folds $(FOLDS))
+
+list: setup
+	$(PY) -m training list --artifacts-dir $(ARTIFACTS_DIR)
+
+promote: setup
+	$(PY) -m training promote --artifacts-dir $(ARTIFACTS_DIR) $(MODEL_NAME) $(MODEL_VERSION)
+
+# pytest exits 5 when it collected nothing: that is a failure here too.
+test: setup data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: setup
+	$(PY) -m service.cli serve --port $(PORT)
+
+bench: setup data
+	$(PY) -m bench
+
+bento: setup
+	$(PY) -m service.cli bento
+
+containerize: bento
+	$(PY) -m service.cli containerize
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,104 @@
+"""Classification metrics, all derived from one confusion matrix (rows: true, cols: predicted).
+
+Pure functions on tensors or lists; used by the training report and by the service's /evaluate,
+so the offline and online numbers are computed by the same code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) int64 counts; one bincount, as in torchvision's references."""
+    labels = labels.reshape(-1).long()
+    preds = preds.reshape(-1).long()
+    return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def accuracy(cm: torch.Tensor) -> float:
+    n = int(cm.sum())
+    return float(cm.trace()) / n if n else 0.0
+
+
+def per_class(cm: torch.Tensor, class_names: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class. An undefined ratio (0/0) is reported as 0.0."""
+    cm = cm.double()
+    tp = cm.diag()
+    support = cm.sum(1)  # true instances of each class
+    predicted = cm.sum(0)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    return [
+        {
+            "label": k,
+            "class_name": class_names[k],
+            "precision": round(float(precision[k]), 6),
+            "recall": round(float(recall[k]), 6),
+            "f1": round(float(f1[k]), 6),
+            "support": int(support[k]),
+        }
+        for k in range(len(class_names))
+    ]
+
+
+def calibration(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict:
+    """Expected calibration error over equal-width confidence bins, with the bins for a reliability diagram."""
+    conf, pred = probs.max(1)
+    correct = (pred == labels).double()
+    conf = conf.double()
+    # bin i holds confidences in (i/n, (i+1)/n]; confidence 0 cannot occur for a softmax over >= 1 class
+    idx = (conf * n_bins).ceil().long().clamp(1, n_bins) - 1
+    count = torch.bincount(idx, minlength=n_bins).double()
+    sum_conf = torch.bincount(idx, weights=conf, minlength=n_bins)
+    sum_acc = torch.bincount(idx, weights=correct, minlength=n_bins)
+    n = max(int(labels.numel()), 1)
+    ece = float(((sum_conf - sum_acc).abs()).sum()) / n
+    bins = [
+        {
+            "lower": i / n_bins,
+            "upper": (i + 1) / n_bins,
+            "count": int(count[i]),
+            "confidence": float(sum_conf[i] / count[i]) if count[i] else None,
+            "accuracy": float(sum_acc[i] / count[i]) if count[i] else None,
+        }
+        for i in range(n_bins)
+    ]
+    return {"ece": round(ece, 6), "n_bins": n_bins, "bins": bins}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (sensible at small n and near 0 or 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def two_proportion_test(correct_a: int, n_a: int, correct_b: int, n_b: int) -> float:
+    """Two-sided p-value of the pooled two-proportion z-test that both accuracies are equal."""
+    if n_a == 0 or n_b == 0:
+        return 1.0
+    pooled = (correct_a + correct_b) / (n_a + n_b)
+    var = pooled * (1 - pooled) * (1 / n_a + 1 / n_b)
+    if var == 0:
+        return 1.0 if correct_a / n_a == correct_b / n_b else 0.0
+    z = (correct_a / n_a - correct_b / n_b) / math.sqrt(var)
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def summarize(cm: torch.Tensor, class_names: list[str]) -> dict:
+    """The numbers every report and answer carries, all from the same matrix."""
+    return {
+        "n": int(cm.sum()),
+        "accuracy": accuracy(cm),
+        "confusion_matrix": cm.tolist(),
+        "per_class": per_class(cm, class_names),
+    }

@@ -1,0 +1,136 @@
+"""Model builders: a plain dict from name to constructor, shared by training and serving.
+
+Every builder takes the input shape and class count, plus its own keyword arguments, so the
+manifest's `model` block ({"arch", "kwargs"}) rebuilds the exact architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LeNet(nn.Module):
+    """LeNet-5 as in the seed tutorial; 28x28 inputs get padding 2 so the first conv sees 32x32."""
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
+        super().__init__()
+        self.pad = 2 if min(height, width) < 32 else 0
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=self.pad)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        h = ((height + 2 * self.pad - 4) // 2 - 4) // 2
+        w = ((width + 2 * self.pad - 4) // 2 - 4) // 2
+        self.fc1 = nn.Linear(16 * h * w, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, K)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 6, 14, 14) for 28x28
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 16, 5, 5)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    # bias is redundant before BatchNorm
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class CNN(nn.Module):
+    """A small VGG-style net with BatchNorm: blocks of conv-BN-ReLU, each block ending in 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
+                 widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for cout in widths:
+            for _ in range(convs_per_block):
+                layers.append(_conv_bn(cin, cout))
+                cin = cout
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, K)
+        x = self.features(x)  # (B, widths[-1], H / 2^blocks, W / 2^blocks)
+        x = torch.flatten(F.adaptive_max_pool2d(x, 1), 1)  # (B, widths[-1])
+        return self.head(self.dropout(x))
+
+
+class GRUClassifier(nn.Module):
+    """Reads the image row by row: a sequence of H steps, each a row of C*W pixels."""
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
+                 hidden: int = 128, layers: int = 1):
+        super().__init__()
+        self.gru = nn.GRU(in_channels * width, hidden, num_layers=layers, batch_first=True)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, K)
+        b, c, h, w = x.shape
+        seq = x.permute(0, 2, 1, 3).reshape(b, h, c * w)  # (B, H, C*W)
+        _, last = self.gru(seq)  # (layers, B, hidden)
+        return self.head(self.norm(last[-1]))
+
+
+class MLP(nn.Module):
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
+                 hidden: tuple[int, ...] = (256, 128), dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        cin = in_channels * height * width
+        for h in hidden:
+            layers += [nn.Linear(cin, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            cin = h
+        layers.append(nn.Linear(cin, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, K)
+        return self.net(x)
+
+
+MODELS: dict[str, type[nn.Module]] = {"lenet": LeNet, "cnn": CNN, "gru": GRUClassifier, "mlp": MLP}
+
+
+def build_model(arch: str, in_channels: int, height: int, width: int, num_classes: int, **kwargs) -> nn.Module:
+    if arch not in MODELS:
+        raise ValueError(f"unknown model {arch!r}; known models: {', '.join(sorted(MODELS))}")
+    # JSON turns tuples into lists; the builders take tuples
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return MODELS[arch](in_channels, height, width, num_classes, **kwargs)
+
+
+def forward_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """Logits of a normalised batch; with tta_flip, the mean of the image's and its mirror's logits.
+
+    Training's final evaluation and the service both call this, so the served model computes
+    exactly what the manifest's accuracy measured.
+    """
+    logits = model(x)
+    if tta_flip:
+        logits = (logits + model(x.flip(-1))) / 2
+    return logits
+
+
+def preprocess(images: torch.Tensor, input_spec: dict) -> torch.Tensor:
+    """uint8-range pixels (N, C, H, W) -> the normalised float batch the model was trained on."""
+    mean = torch.tensor(input_spec["mean"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(input_spec["std"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / input_spec.get("scale", 255.0) - mean) / std
+
+
+def pick_device(setting: str) -> torch.device:
+    """'cpu', 'cuda' (fails clearly without a GPU) or 'auto' (a GPU when one is visible)."""
+    if setting not in ("auto", "cpu", "cuda") and not setting.startswith("cuda:"):
+        raise ValueError(f"unknown device {setting!r}; use auto, cpu, cuda or cuda:N")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {setting!r} asked for, but torch sees no CUDA GPU; use DEVICE=cpu or auto")
+    return torch.device(setting)

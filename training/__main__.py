@@ -1,0 +1,103 @@
+"""python -m training {train,cv,list,promote} -- the CLI behind `make train`.
+
+Flags are generated from TrainConfig, so every setting has exactly one name and one default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from core import artifacts
+from training.config import PRESETS, TrainConfig, make_config
+
+DRY_RUN = {"limit_train": 1024, "limit_test": 512, "epochs": 1}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        t = hints[f.name]
+        args = typing.get_args(t)
+        base = next((a for a in args if a is not type(None)), t) if args and type(None) in args else t
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        helptext = f"default {default!r}" + (" (model presets may change it)" if any(f.name in v for v in PRESETS.values()) else "")
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif base is dict:
+            p.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
+        elif typing.get_origin(base) is tuple:
+            p.add_argument(flag, type=float, nargs="+", default=None, help=helptext)
+        else:
+            p.add_argument(flag, type=base, default=None, help=helptext)
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"tiny run for smoke tests: {', '.join(f'{k}={v}' for k, v in DRY_RUN.items())}")
+
+
+def _config(ns: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if ns.dry_run:
+        values = {**DRY_RUN, **{k: v for k, v in values.items() if v is not None}}
+    return make_config(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a model and publish a new artifact version")
+    _add_config_flags(p_train)
+    p_cv = sub.add_parser("cv", help="k-fold cross-validation on the training set; writes a report")
+    _add_config_flags(p_cv)
+    p_cv.add_argument("--folds", type=int, default=5)
+    p_list = sub.add_parser("list", help="list published versions (* marks the promoted one)")
+    p_list.add_argument("--artifacts-dir", default="artifacts")
+    p_list.add_argument("name", nargs="?")
+    p_prom = sub.add_parser("promote", help="mark a version as the one the service serves")
+    p_prom.add_argument("--artifacts-dir", default="artifacts")
+    p_prom.add_argument("name")
+    p_prom.add_argument("version")
+    ns = parser.parse_args(argv)
+
+    try:
+        if ns.command == "train":
+            from training.pipeline import train
+            cfg = _config(ns)
+            folder = train(cfg)
+            m = json.loads((folder / "manifest.json").read_text())
+            cm_total = sum(map(sum, m["confusion_matrix"]))
+            correct = sum(m["confusion_matrix"][i][i] for i in range(len(m["classes"])))
+            print(f"fit: {m['verdict']['verdict']} ({m['verdict']['reason']})")
+            print(f"published {folder}")
+            print(f"test accuracy {m['test_accuracy']:.4f} ({correct}/{cm_total}), test loss {m['test_loss']:.4f}, "
+                  f"trained in {m['training_seconds']:.1f} s")
+        elif ns.command == "cv":
+            from training.pipeline import cross_validate
+            s = cross_validate(_config(ns), ns.folds)
+            print(f"{s['folds']}-fold validation accuracy {s['mean_val_accuracy']:.4f} ± {s['sd_val_accuracy']:.4f}"
+                  f" (report in {s['report']})")
+        elif ns.command == "list":
+            names = [ns.name] if ns.name else artifacts.list_names(ns.artifacts_dir)
+            if not names:
+                print(f"no versions under {ns.artifacts_dir}; run `make train`")
+            for name in names:
+                prom = artifacts.promoted(ns.artifacts_dir, name)
+                for v in artifacts.list_versions(ns.artifacts_dir, name):
+                    m = json.loads((artifacts.resolve(ns.artifacts_dir, name, v) / "manifest.json").read_text())
+                    print(f"{'*' if v == prom else ' '} {name}/{v}  test_accuracy {m['test_accuracy']:.4f}  "
+                          f"{m['model']['arch']}  {m['created_at']}")
+        elif ns.command == "promote":
+            artifacts.promote(ns.artifacts_dir, ns.name, ns.version)
+            print(f"promoted {ns.name}/{ns.version}")
+    except (ValueError, artifacts.ArtifactError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""One frozen dataclass holds every training setting; the CLI is generated from it.
+
+Model presets change only the defaults for their model; a flag the user gives always wins.
+The resolved config is stored in every artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- what to train
+    model: str = "cnn"                 # lenet | cnn | gru | mlp
+    model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"widths": [32, 64]}
+    dataset: str = "fashion_mnist"     # fashion_mnist | mnist | cifar10
+    data_dir: str | None = None        # folder with the dataset files; default: packaged / ./data
+    name: str | None = None            # artifact name; default: the model name
+    artifacts_dir: str = "artifacts"
+    # --- data
+    val_fraction: float = 0.1          # seeded split carved from the training set
+    limit_train: int | None = None     # use only the first N training images (tests, dry runs)
+    limit_test: int | None = None      # evaluate on the first N test images (tests only; manifest says so)
+    augment: bool = True               # random horizontal flip and +-2 pixel shifts, on tensors
+    tta_flip: bool = False             # average logits with the mirrored image at test and serve time
+    # --- optimisation
+    epochs: int = 15
+    batch_size: int = 256
+    optimizer: str = "sgd"             # sgd | nesterov | adam | adamw | rmsprop
+    lr: float = 0.1                    # peak learning rate for onecycle
+    momentum: float = 0.9              # sgd / nesterov / rmsprop
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"         # none | step | cosine | onecycle
+    step_size: int = 5                 # epochs between decays for the step schedule
+    gamma: float = 0.1                 # decay factor for the step schedule
+    # --- loss
+    loss: str = "cross_entropy"        # cross_entropy | weighted_cross_entropy | nll | focal | mse
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None  # weighted_cross_entropy; default: inverse frequency
+    focal_gamma: float = 2.0
+    focal_alpha: tuple[float, ...] | None = None
+    # --- monitoring
+    patience: int = 0                  # early stopping after N epochs without val-loss improvement; 0 = off
+    underfit_accuracy: float = 0.80    # train and val accuracy both below this: underfitting
+    overfit_gap: float = 0.03          # train accuracy above val accuracy by more than this: overfitting
+    # --- run
+    seed: int = 0
+    device: str = "cpu"                # cpu | cuda | auto
+    threads: int | None = None         # torch intra-op threads; default: torch's choice
+    checkpoint: bool = True            # keep a resumable checkpoint after every epoch
+    resume: bool = False               # continue the checkpoint of this exact config
+
+    def resolved_name(self) -> str:
+        return self.name or self.model
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def run_id(self) -> str:
+        """Stable id of what the run computes: everything except where outputs go and resume."""
+        d = self.to_dict()
+        for k in ("artifacts_dir", "resume", "checkpoint", "data_dir", "threads"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Defaults per model, chosen on these 2-core machines (see README's results table).
+PRESETS: dict[str, dict] = {
+    "cnn": {},
+    "lenet": {"epochs": 10, "batch_size": 128, "optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0,
+              "augment": False},
+    "gru": {"epochs": 8, "batch_size": 128, "optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0,
+            "augment": False},
+    "mlp": {"epochs": 10, "batch_size": 256, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0,
+            "augment": False},
+}
+
+
+def make_config(**overrides) -> TrainConfig:
+    """Defaults, then the model's preset, then the caller's overrides (None means 'not given')."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    model = given.get("model", TrainConfig.model)
+    return TrainConfig(**{**PRESETS.get(model, {}), **given})

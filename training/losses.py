@@ -1,0 +1,81 @@
+"""Loss functions by name. Each takes raw logits (B, K) and integer labels (B,).
+
+The seed's lesson, kept visible: CrossEntropyLoss == log_softmax + NLLLoss; weighting by inverse
+class frequency counters imbalance; focal loss down-weights easy examples by (1 - p_t)^gamma and
+equals cross-entropy at gamma = 0; MSE compares probabilities with one-hot targets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class NLLOnLogSoftmax(nn.Module):
+    def forward(self, logits, target):
+        return F.nll_loss(F.log_softmax(logits, dim=1), target)
+
+
+class FocalLoss(nn.Module):
+    """FL(p_t) = -alpha_t (1 - p_t)^gamma log p_t, averaged over the batch (Lin et al., 2017)."""
+
+    def __init__(self, gamma: float = 2.0, alpha: torch.Tensor | None = None):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("alpha", alpha)
+
+    def forward(self, logits, target):
+        logp_t = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
+        loss = -((1 - logp_t.exp()) ** self.gamma) * logp_t
+        if self.alpha is not None:
+            loss = loss * self.alpha[target]
+        return loss.mean()
+
+
+class MSEOnProbabilities(nn.Module):
+    """Mean squared error between softmax probabilities and one-hot targets."""
+
+    def forward(self, logits, target):
+        onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+        return F.mse_loss(logits.softmax(dim=1), onehot)
+
+
+def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """w_k = N / (K * n_k): 1.0 for every class when classes are balanced."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    if (counts == 0).any():
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"classes {missing} have no training examples; give --class-weights explicitly")
+    return labels.numel() / (num_classes * counts)
+
+
+LOSSES = ("cross_entropy", "weighted_cross_entropy", "nll", "focal", "mse")
+
+
+def build_loss(cfg, train_labels: torch.Tensor, num_classes: int) -> nn.Module:
+    name = cfg.loss
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
+    if cfg.label_smoothing and name not in ("cross_entropy", "weighted_cross_entropy"):
+        raise ValueError(f"label_smoothing applies to cross_entropy and weighted_cross_entropy, not {name!r}")
+    if name == "cross_entropy":
+        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if name == "weighted_cross_entropy":
+        if cfg.class_weights is not None:
+            if len(cfg.class_weights) != num_classes:
+                raise ValueError(f"class_weights has {len(cfg.class_weights)} values; the dataset has {num_classes} classes")
+            weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
+        else:
+            weight = inverse_frequency_weights(train_labels, num_classes)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if name == "nll":
+        return NLLOnLogSoftmax()
+    if name == "focal":
+        alpha = None
+        if cfg.focal_alpha is not None:
+            if len(cfg.focal_alpha) != num_classes:
+                raise ValueError(f"focal_alpha has {len(cfg.focal_alpha)} values; the dataset has {num_classes} classes")
+            alpha = torch.tensor(cfg.focal_alpha, dtype=torch.float32)
+        return FocalLoss(cfg.focal_gamma, alpha)
+    return MSEOnProbabilities()
