@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests run on the packaged Fashion-MNIST (CI installs it) or small data made here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from training.config import make_config  # noqa: E402
+
+# Keep 2-core machines responsive when several test processes or servers share them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def tiny_config(tmp_path: Path, **overrides):
+    """A run of seconds: few images, one epoch, artifacts under tmp_path."""
+    base = dict(model="lenet", limit_train=1024, limit_test=512, epochs=1, batch_size=128,
+                artifacts_dir=str(tmp_path / "artifacts"))
+    base.update(overrides)
+    return make_config(**base)
+
+
+@pytest.fixture(scope="session")
+def lenet_version(tmp_path_factory):
+    """A real LeNet trained 2 epochs on full Fashion-MNIST, evaluated on all 10,000 test images.
+
+    Returns (artifacts_dir, name, version, manifest). Shared by the service and deployment tests.
+    """
+    from training.pipeline import train
+
+    root = tmp_path_factory.mktemp("lenet-artifacts")
+    cfg = make_config(model="lenet", epochs=2, artifacts_dir=str(root))
+    folder = train(cfg, log=lambda *_: None)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return root, "lenet", folder.name, manifest
