@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench`: serving against a hand-written baseline, training throughput."""

@@ -1,0 +1,266 @@
+"""Serving benchmark: the BentoML service against the hand-written baseline (bench/baseline_app.py).
+
+Both serve the same artifact version; wrk (Debian) sends the same single-image JSON request to
+`/predict` at 1, 16 and 64 connections, the two servers interleaved in every round, and the
+table reports medians over rounds with the service/baseline ratio. The same run measures
+`/evaluate_npz` on the 10,000 test images against in-process batched inference of the model.
+
+    python -m bench.serving [--rounds 3] [--duration 10] [--connections 1 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from core import artifacts
+from core.models import forward_logits, preprocess
+from training.data import load_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+LUA = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open(os.getenv("BODY_FILE"), "rb"); wrk.body = f:read("*a"); f:close()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, connections: int, duration: int, body_file: Path, lua: Path) -> dict:
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{duration}s", "--latency",
+                          "--timeout", "10s", "-s", str(lua), url],
+                         capture_output=True, text=True, env={**os.environ, "BODY_FILE": str(body_file)},
+                         timeout=duration + 60)
+    text = out.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", text, re.M))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    total = int(re.search(r"(\d+) requests in", text).group(1))
+    return {"requests_per_s": rps, "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]), "requests": total,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": sum(map(int, errors.groups())) if errors else 0}
+
+
+def in_process_throughput(loaded, images: np.ndarray, batch: int = 1000, repeats: int = 3) -> float:
+    """Images/s of the model itself on the same images: preprocess + forward in batches of 1,000."""
+    spec, tta = loaded.manifest["input"], loaded.manifest["model"].get("tta_flip", False)
+    x = torch.from_numpy(images).view(-1, spec["channels"], spec["height"], spec["width"])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(x), batch):
+                forward_logits(loaded.model, preprocess(x[i:i + batch], spec), tta).argmax(1)
+        times.append(time.perf_counter() - t)
+    return len(x) / statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--artifacts-dir", default=os.environ.get("ARTIFACTS_DIR", "artifacts"))
+    ap.add_argument("--model-name", default=os.environ.get("BENCH_MODEL", "lenet"))
+    ap.add_argument("--model-version", default=os.environ.get("MODEL_VERSION") or None)
+    args = ap.parse_args(argv)
+    if not shutil.which("wrk"):
+        sys.exit("wrk is missing: apt-get install wrk")
+    folder = artifacts.resolve(args.artifacts_dir, args.model_name, args.model_version)
+    version = folder.name
+    ds = load_dataset("fashion_mnist")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    body = tmp / "one.json"
+    body.write_text(json.dumps({"images": [ds.test_x[0, 0].tolist()]}))  # one 28x28 image
+    lua = tmp / "post.lua"
+    lua.write_text(LUA)
+    env = {**os.environ, "ARTIFACTS_DIR": str(Path(args.artifacts_dir).resolve()), "MODEL_NAME": args.model_name,
+           "MODEL_VERSION": version, "DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    py = sys.executable
+    servers = {
+        "service": [py, "-m", "service.cli", "serve", "--port", "{port}"],
+        "baseline": [py, "-m", "uvicorn", "bench.baseline_app:app", "--host", "127.0.0.1", "--port", "{port}",
+                     "--no-access-log", "--log-level", "warning"],
+    }
+    runs: list[dict] = []
+    for rnd in range(1, args.rounds + 1):
+        for target, cmd in servers.items():
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            proc = subprocess.Popen([c.format(port=port) for c in cmd], cwd=ROOT, env=env,
+                                    stdout=open(tmp / f"{target}-{rnd}.log", "w"), stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                wait_ready(base + "/predict", body, proc)
+                for conns in args.connections:
+                    wrk(base + "/predict", conns, 2, body, lua)  # warm-up, discarded
+                    r = wrk(base + "/predict", conns, args.duration, body, lua)
+                    r.update(target=target, round=rnd, connections=conns)
+                    runs.append(r)
+                    print(f"round {rnd} {target:8s} c={conns:<3d} {r['requests_per_s']:8.1f} req/s "
+                          f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms non-2xx {r['non_2xx']}", flush=True)
+                if target == "service":
+                    runs.extend(_evaluate_run(base, ds, rnd))
+            finally:
+                stop(proc)
+    loaded = artifacts.load(args.artifacts_dir, args.model_name, version)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    inproc = [in_process_throughput(loaded, ds.test_x.numpy()) for _ in range(args.rounds)]
+    result = summarise(runs, inproc, args, version)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"serving-{stamp}.json").write_text(json.dumps(result, indent=2))
+    chart(result, RESULTS / f"serving-{stamp}.png")
+    print(table(result))
+    print(f"saved {RESULTS}/serving-{stamp}.json and .png")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def wait_ready(url: str, body: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Ready means: answers the benchmark's own request with 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready ({url})")
+        try:
+            if httpx.post(url, content=body.read_bytes(), headers={"content-type": "application/json"},
+                          timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def _evaluate_run(base: str, ds, rnd: int) -> list[dict]:
+    buf = io.BytesIO()
+    np.savez(buf, images=ds.test_x[:, 0].numpy(), labels=ds.test_y.numpy().astype(np.int64))
+    payload = buf.getvalue()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        r = httpx.post(base + "/evaluate_npz", files={"file": ("test.npz", payload, "application/octet-stream")},
+                       timeout=300)
+        times.append(time.perf_counter() - t)
+        r.raise_for_status()
+    acc = r.json()["accuracy"]
+    print(f"round {rnd} service  /evaluate_npz 10,000 images: {10000 / statistics.median(times):,.0f} images/s "
+          f"(accuracy {acc:.4f})", flush=True)
+    return [{"target": "evaluate_npz", "round": rnd, "images_per_s": 10000 / statistics.median(times),
+             "accuracy": acc}]
+
+
+def summarise(runs: list[dict], inproc: list[float], args, version: str) -> dict:
+    rows = []
+    for conns in args.connections:
+        row = {"connections": conns}
+        for target in ("service", "baseline"):
+            sel = [r for r in runs if r["target"] == target and r["connections"] == conns]
+            for k in ("requests_per_s", "p50_ms", "p99_ms"):
+                row[f"{target}_{k}"] = statistics.median(r[k] for r in sel)
+            row[f"{target}_non_2xx"] = sum(r["non_2xx"] + r["socket_errors"] for r in sel)
+        row["rps_ratio"] = row["service_requests_per_s"] / row["baseline_requests_per_s"]
+        row["p99_ratio"] = row["service_p99_ms"] / row["baseline_p99_ms"]
+        rows.append(row)
+    ev = [r["images_per_s"] for r in runs if r["target"] == "evaluate_npz"]
+    evaluate = {"service_images_per_s": statistics.median(ev) if ev else None,
+                "in_process_images_per_s": statistics.median(inproc)}
+    if ev:
+        evaluate["ratio"] = evaluate["service_images_per_s"] / evaluate["in_process_images_per_s"]
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{os.cpu_count()} CPUs, {_cpu_model()}",
+            "model": args.model_name, "version": version, "rounds": args.rounds, "duration_s": args.duration,
+            "rows": rows, "evaluate": evaluate, "runs": runs}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def table(res: dict) -> str:
+    lines = [f"serving benchmark, {res['model']} {res['version']}, medians of {res['rounds']} interleaved rounds "
+             f"x {res['duration_s']} s, {res['machine']}, {res['date']}",
+             "| conns | service req/s | baseline req/s | ratio | service p50 / p99 ms | baseline p50 / p99 ms | "
+             "p99 ratio | non-2xx (service / baseline) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['connections']} | {r['service_requests_per_s']:,.0f} | {r['baseline_requests_per_s']:,.0f} | "
+                     f"{r['rps_ratio']:.2f} | {r['service_p50_ms']:.1f} / {r['service_p99_ms']:.1f} | "
+                     f"{r['baseline_p50_ms']:.1f} / {r['baseline_p99_ms']:.1f} | {r['p99_ratio']:.2f} | "
+                     f"{r['service_non_2xx']} / {r['baseline_non_2xx']} |")
+    ev = res["evaluate"]
+    if ev.get("service_images_per_s"):
+        lines.append(f"\n/evaluate_npz on 10,000 test images: {ev['service_images_per_s']:,.0f} images/s; in-process "
+                     f"batched inference {ev['in_process_images_per_s']:,.0f} images/s; ratio {ev['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+def chart(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    conns = [r["connections"] for r in res["rows"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    w = 0.38
+    xs = np.arange(len(conns))
+    for i, t in enumerate(("service", "baseline")):
+        a1.bar(xs + (i - 0.5) * w, [r[f"{t}_requests_per_s"] for r in res["rows"]], w, label=t)
+        a2.bar(xs + (i - 0.5) * w, [r[f"{t}_p99_ms"] for r in res["rows"]], w, label=t)
+    for ax, title in ((a1, "requests/s (median)"), (a2, "p99 latency ms (median)")):
+        ax.set_xticks(xs, [f"{c} conn" for c in conns])
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{res['model']} single-image /predict, {res['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
