@@ -12,6 +12,7 @@ Errors (all subclasses of ArtifactError, so a caller can catch one type):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from core.models import build_model
 
@@ -84,10 +85,12 @@ def publish(root: str | Path, name: str, state_dict: dict[str, torch.Tensor], ma
     check_name(name, "model name")
     parent = Path(root) / name
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    _remove_stale_temporaries(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=parent))
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        save_file(tensors, tmp / WEIGHTS)
+        # serialise in memory, write with plain file I/O: a full disk then raises OSError(ENOSPC)
+        (tmp / WEIGHTS).write_bytes(save(tensors))
         weights_sha = sha256_file(tmp / WEIGHTS)
         version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + weights_sha[:8]
         manifest = dict(manifest, schema_version=SCHEMA_VERSION, name=name, version=version,
@@ -110,9 +113,27 @@ def publish(root: str | Path, name: str, state_dict: dict[str, torch.Tensor], ma
         os.rename(tmp, final)
         _fsync_dir(parent)
         return final
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise ArtifactError(f"no space left on the device of {parent} while publishing; nothing was "
+                                "published (free space and run again)") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_temporaries(parent: Path) -> None:
+    """Temporary folders of publishers that were killed (their pid is gone) are removed."""
+    for p in parent.glob(".tmp-*"):
+        try:
+            pid = int(p.name.split("-")[1])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 def list_versions(root: str | Path, name: str) -> list[str]:

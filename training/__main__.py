@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "promote":
             artifacts.promote(ns.artifacts_dir, ns.name, ns.version)
             print(f"promoted {ns.name}/{ns.version}")
-    except (ValueError, artifacts.ArtifactError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, artifacts.ArtifactError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from core.metrics import confusion_matrix
 from core.models import forward_logits
@@ -171,8 +171,12 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, gen: torch.Genera
     meta = {"epoch": state.epoch, "history": state.history, "best_val_loss": state.best_val_loss,
             "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs, "stopped_early": state.stopped_early,
             "scheduler_last_epoch": scheduler.last_epoch, "optimizer": opt_meta}
-    save_file(tensors, folder / "checkpoint.safetensors.tmp")
-    (folder / "checkpoint.json.tmp").write_text(json.dumps(meta))
+    try:
+        (folder / "checkpoint.safetensors.tmp").write_bytes(save(tensors))  # plain I/O: a full disk raises OSError
+        (folder / "checkpoint.json.tmp").write_text(json.dumps(meta))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the training checkpoint in {folder}: {e.strerror} "
+                      "(free space, or train with --no-checkpoint); nothing was published") from e
     # the JSON names the epoch; rename the tensors first so a kill between the two renames
     # leaves tensors newer than the JSON, which load_checkpoint detects by the epoch stamp
     (folder / "checkpoint.safetensors.tmp").replace(folder / "checkpoint.safetensors")
