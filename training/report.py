@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -68,11 +69,11 @@ def markdown(m: dict) -> str:
     v = m["verdict"]
     return f"""# {m['name']} {m['version']}
 
-- model: `{m['model']['arch']}` {m['model']['kwargs'] or ''}, {m['model']['parameters']:,} parameters
+- model: `{m['model']['arch']}`{' ' + json.dumps(m['model']['kwargs']) if m['model']['kwargs'] else ''}, {m['model']['parameters']:,} parameters{', test-time flip averaging' if m['model']['tta_flip'] else ''}
 - dataset: {m['dataset']['name']} ({m['dataset']['train']} train / {m['dataset']['val']} validation / {m['dataset']['test']} test)
 - **test accuracy {m['test_accuracy']:.4f}** (loss {m['test_loss']:.4f}), expected calibration error {m['calibration']['ece']:.4f}
 - fit: **{v['verdict']}**: {v['reason']}
-- trained {len(m['history'])} epochs in {m['training_seconds']:.1f} s on {m['device']}{' (stopped early)' if m['stopped_early'] else ''}
+- trained {len(m['history'])} epoch(s) in {m['training_seconds']:.1f} s on {m['device']}{' (stopped early)' if m['stopped_early'] else ''}
 - weights sha256 `{m['weights_sha256']}`
 
 | label | class | precision | recall | F1 | support |
