@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import sys
 import typing
 
@@ -17,15 +19,22 @@ from training.config import PRESETS, TrainConfig, make_config
 DRY_RUN = {"limit_train": 1024, "limit_test": 512, "epochs": 1}
 
 
+def _field_comments() -> dict[str, str]:
+    """The comment beside each field in training/config.py: the help text has one source."""
+    src = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", src, re.M))
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
+    comments = _field_comments()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         t = hints[f.name]
         args = typing.get_args(t)
         base = next((a for a in args if a is not type(None)), t) if args and type(None) in args else t
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f"default {default!r}" + (" (model presets may change it)" if any(f.name in v for v in PRESETS.values()) else "")
+        helptext = (comments.get(f.name, "") + f" (default {default!r}").lstrip() + ")" + (", model presets may change it" if any(f.name in v for v in PRESETS.values()) else "")
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif base is dict:
