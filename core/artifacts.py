@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from core.models import build_model
@@ -232,7 +233,14 @@ def load(root: str | Path, name: str, version: str | None = None, device: str | 
     spec, inp = manifest["model"], manifest["input"]
     model = build_model(spec["arch"], inp["channels"], inp["height"], inp["width"], len(manifest["classes"]),
                         **spec.get("kwargs", {}))
-    state = load_file(folder / WEIGHTS, device="cpu")  # safetensors: tensors only, no code runs
-    model.load_state_dict(state, strict=True)
+    try:
+        state = load_file(folder / WEIGHTS, device="cpu")  # safetensors: tensors only, no code runs
+    except SafetensorError as e:
+        # e.g. a pickle put in place of the weights, with its hash written into the manifest
+        raise IntegrityError(f"{folder / WEIGHTS} is not a valid safetensors file ({e}); refused") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise IntegrityError(f"{folder / WEIGHTS} does not fit the manifest's model {spec['arch']!r}: {e}") from None
     model.to(device).eval()
     return LoadedModel(folder, manifest, model)
