@@ -1,0 +1,76 @@
+"""core/models.py: every model by name, for grey 28x28 and colour 32x32 inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.models import MODELS, build_model, forward_logits, pick_device, preprocess
+
+NAMES = ["lenet", "cnn", "gru", "mlp"]
+
+
+def test_the_registry_holds_the_four_models_of_the_issue():
+    assert sorted(MODELS) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_output_is_one_logit_per_class(name, shape):
+    torch.manual_seed(0)
+    c, h, w = shape
+    model = build_model(name, c, h, w, 10)
+    x = torch.randn(4, c, h, w)
+    model.train()
+    out = model(x)
+    assert out.shape == (4, 10) and out.dtype == torch.float32
+    out.sum().backward()  # every parameter takes part in the forward pass
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert model(x[:1]).shape == (1, 10)  # a single image in eval mode (BatchNorm uses running stats)
+        assert forward_logits(model, x, tta_flip=True).shape == (4, 10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_other_class_counts(name):
+    model = build_model(name, 1, 28, 28, 3).eval()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+
+
+def test_manifest_kwargs_rebuild_the_same_architecture():
+    # JSON turns tuples into lists: the builder accepts them as written in the manifest
+    a = build_model("mlp", 1, 28, 28, 10, hidden=[32, 16])
+    assert [tuple(p.shape) for p in a.parameters()] == [(32, 784), (32,), (16, 32), (16,), (10, 16), (10,)]
+    b = build_model("gru", 1, 28, 28, 10, hidden=24)
+    assert b.gru.hidden_size == 24 and b.gru.input_size == 28
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'resnet'.*cnn, gru, lenet, mlp"):
+        build_model("resnet", 1, 28, 28, 10)
+
+
+def test_tta_flip_averages_the_mirrored_logits():
+    torch.manual_seed(0)
+    model = build_model("mlp", 1, 4, 4, 3).eval()
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(-1))) / 2
+        assert torch.allclose(forward_logits(model, x, tta_flip=True), expected)
+        assert torch.equal(forward_logits(model, x), model(x))
+
+
+def test_preprocess_scales_and_normalises_like_training():
+    spec = {"mean": [0.5], "std": [0.25], "scale": 255.0}
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2)
+    assert preprocess(x, spec).flatten().tolist() == [-2.0, 2.0]
+
+
+def test_pick_device():
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="auto, cpu, cuda"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            pick_device("cuda")
