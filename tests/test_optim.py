@@ -90,3 +90,12 @@ def test_unknown_names_list_the_known_ones():
     opt = build_optimizer(make_config(), model.parameters())
     with pytest.raises(ValueError, match="unknown schedule 'exp'; known schedules: none, step, cosine, onecycle"):
         build_schedule(make_config(schedule="exp"), opt, 10)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("steps_per_epoch", [1, 2, 3])
+def test_schedules_survive_runs_of_very_few_steps(schedule, steps_per_epoch):
+    # a one-epoch run on fewer images than a batch is one step: one-cycle divided by zero here once
+    cfg = make_config(optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, schedule=schedule, epochs=1)
+    _, _, lrs = _steps(cfg, n=steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    assert all(0.0 <= lr <= 1.0 for lr in lrs) and lrs[0] > 0

@@ -71,7 +71,8 @@ def test_same_seed_and_config_give_the_identical_weights_hash(tmp_path):
     b = json.loads((train(tiny_config(tmp_path / "b", **over), log=_quiet) / "manifest.json").read_text())
     assert a["weights_sha256"] == b["weights_sha256"]
     assert a["confusion_matrix"] == b["confusion_matrix"]
-    c = json.loads((train(tiny_config(tmp_path / "c", **{**over, "seed": 1}), log=_quiet) / "manifest.json").read_text())
+    c_dir = train(tiny_config(tmp_path / "c", **{**over, "seed": 1}), log=_quiet)
+    c = json.loads((c_dir / "manifest.json").read_text())
     assert c["weights_sha256"] != a["weights_sha256"]  # the seed really matters
 
 

@@ -56,17 +56,20 @@ def _config(ns: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    # no abbreviations: a mistyped --epoch must be refused, not taken as --epochs
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a model and publish a new artifact version")
+    p_train = sub.add_parser("train", allow_abbrev=False, help="train a model and publish a new artifact version")
     _add_config_flags(p_train)
-    p_cv = sub.add_parser("cv", help="k-fold cross-validation on the training set; writes a report")
+    p_cv = sub.add_parser("cv", allow_abbrev=False,
+                          help="k-fold cross-validation on the training set; writes a report")
     _add_config_flags(p_cv)
     p_cv.add_argument("--folds", type=int, default=5)
-    p_list = sub.add_parser("list", help="list published versions (* marks the promoted one)")
+    p_list = sub.add_parser("list", allow_abbrev=False, help="list published versions (* marks the promoted one)")
     p_list.add_argument("--artifacts-dir", default="artifacts")
     p_list.add_argument("name", nargs="?")
-    p_prom = sub.add_parser("promote", help="mark a version as the one the service serves")
+    p_prom = sub.add_parser("promote", allow_abbrev=False, help="mark a version as the one the service serves")
     p_prom.add_argument("--artifacts-dir", default="artifacts")
     p_prom.add_argument("name")
     p_prom.add_argument("version")

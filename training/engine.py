@@ -42,7 +42,9 @@ class Batches:
 class Progress:
     """A live bar on a terminal (loss, accuracy, images/s, ETA); nothing between epochs otherwise."""
 
-    def __init__(self, total_steps: int, prefix: str, stream=sys.stderr):
+    def __init__(self, total_steps: int, prefix: str, stream=None):
+        # sys.stderr looked up now, not at import: it may have been replaced since (pytest, notebooks)
+        stream = sys.stderr if stream is None else stream
         self.total, self.prefix, self.stream = total_steps, prefix, stream
         self.live = stream.isatty()
         self.start = time.perf_counter()

@@ -41,5 +41,6 @@ def build_schedule(cfg, optimizer, steps_per_epoch: int) -> torch.optim.lr_sched
         # written as a LambdaLR so its whole state is one integer (resumable without pickle)
         warm = max(int(0.25 * total), 1)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: (step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm)))
+            optimizer,
+            lambda step: (step + 1) / warm if step < warm else max(0.0, (total - step) / max(total - warm, 1)))
     raise ValueError(f"unknown schedule {name!r}; known schedules: {', '.join(SCHEDULES)}")
