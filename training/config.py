@@ -88,4 +88,22 @@ def make_config(**overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     model = given.get("model", TrainConfig.model)
-    return TrainConfig(**{**PRESETS.get(model, {}), **given})
+    cfg = TrainConfig(**{**PRESETS.get(model, {}), **given})
+    check_names(cfg)
+    return cfg
+
+
+def check_names(cfg: TrainConfig) -> None:
+    """Refuse unknown registry names before any data is loaded, listing the known ones."""
+    from core.models import MODELS
+    from training.data import DATASETS
+    from training.losses import LOSSES
+    from training.optim import OPTIMIZERS, SCHEDULES
+
+    for what, value, known in (("model", cfg.model, MODELS), ("dataset", cfg.dataset, DATASETS),
+                               ("loss", cfg.loss, LOSSES), ("optimizer", cfg.optimizer, OPTIMIZERS),
+                               ("schedule", cfg.schedule, SCHEDULES)):
+        if value not in known:
+            plural = {"loss": "losses"}.get(what, what + "s")
+            names = sorted(known) if isinstance(known, dict) else known
+            raise ValueError(f"unknown {what} {value!r}; known {plural}: {', '.join(names)}")
