@@ -40,10 +40,17 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 
 class CNN(nn.Module):
-    """A small VGG-style net with BatchNorm: blocks of conv-BN-ReLU, each block ending in 2x2 max-pool."""
+    """A small VGG-style net with BatchNorm: blocks of conv-BN-ReLU, each block ending in 2x2 max-pool.
+
+    Speed switches (measured on the 2-core CPU, see docs/training-results.md); neither changes what
+    the weights mean, and evaluation / serving always run in float32:
+      channels_last  feed the convolutions NHWC activations (oneDNN's fast layout on CPU)
+      train_bf16     autocast to bfloat16 while training (model.train()); master weights stay float32
+    """
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
-                 widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.1):
+                 widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.1,
+                 channels_last: bool = False, train_bf16: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
@@ -55,11 +62,18 @@ class CNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(cin, num_classes)
+        self.channels_last, self.train_bf16 = channels_last, train_bf16
+        if channels_last:
+            self.to(memory_format=torch.channels_last)  # weights too, or oneDNN reorders them every call
 
     def forward(self, x):  # (B, C, H, W) -> (B, K)
-        x = self.features(x)  # (B, widths[-1], H / 2^blocks, W / 2^blocks)
-        x = torch.flatten(F.adaptive_max_pool2d(x, 1), 1)  # (B, widths[-1])
-        return self.head(self.dropout(x))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.train_bf16 and self.training):
+            x = self.features(x)  # (B, widths[-1], H / 2^blocks, W / 2^blocks)
+            x = torch.flatten(F.adaptive_max_pool2d(x, 1), 1)  # (B, widths[-1])
+            x = self.head(self.dropout(x))
+        return x.float()  # the loss and the metrics see float32 logits
 
 
 class GRUClassifier(nn.Module):

@@ -88,6 +88,17 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 len(ds.classes), gen, ckpt if cfg.checkpoint else None, state,
                 log=lambda r: log(json.dumps(r)))
     seconds = time.perf_counter() - started
+    folder = evaluate_and_publish(cfg, name, ds, device, model, criterion, train_b, val_b, test_b, input_spec,
+                                  state, seconds)
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    return folder
+
+
+def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criterion, train_b: Batches,
+                         val_b: Batches, test_b: Batches, input_spec: dict, state: FitState, seconds: float,
+                         extra: dict | None = None) -> Path:
+    """The final test evaluation and the published version (train() and training.distributed share it)."""
     test = evaluate(model, criterion, test_b, len(ds.classes), tta_flip=cfg.tta_flip)
     cm = test["confusion_matrix"]
     manifest = {
@@ -115,12 +126,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
         "calibration": calibration(test["probs"], test_b.y.cpu()),
         "history": state.history,
         "verdict": fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap),
+        **(extra or {}),
     }
-    folder = artifacts.publish(cfg.artifacts_dir, name, model.state_dict(), manifest,
-                               write_extras=lambda d, m: _write_extras(d, m))
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    return folder
+    return artifacts.publish(cfg.artifacts_dir, name, model.state_dict(), manifest,
+                             write_extras=lambda d, m: _write_extras(d, m))
 
 
 def _write_extras(folder: Path, manifest: dict) -> None:
