@@ -1,0 +1,111 @@
+"""An ASGI middleware in front of the endpoints: body-size limit (413), content types (415), the
+real reason on /readyz when the model was refused (503), and the count of every refused request.
+
+It runs inside BentoML's own middlewares (metrics, timeout, max concurrency), so their figures
+include what it refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from service import inference, metrics
+
+JSON_ROUTES = {"/predict", "/evaluate", "/model_info"}
+FILE_ROUTES = {"/predict_image", "/evaluate_npz"}
+
+
+@dataclass
+class State:
+    ready: bool = False
+    load_error: str | None = None
+    max_body_bytes: int = int(float(os.environ.get("MAX_BODY_MB", "64")) * 1024 * 1024)
+
+    def reset(self) -> None:
+        self.ready, self.load_error = False, None
+
+    def limits(self) -> dict:
+        return {"max_images": inference.MAX_IMAGES, "max_npz_images": inference.MAX_NPZ_IMAGES,
+                "max_body_bytes": self.max_body_bytes,
+                "max_concurrency": int(os.environ.get("MAX_CONCURRENCY", "256")),
+                "request_timeout_s": float(os.environ.get("REQUEST_TIMEOUT", "60"))}
+
+
+STATE = State()
+
+
+async def _answer(send, status: int, body: dict, reason: str | None = None) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if reason:
+        headers.append((b"x-imgclf-reason", reason.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+class Guard:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path == "/readyz" and not STATE.ready:
+            why = STATE.load_error or "the model is still loading"
+            return await _answer(send, 503, {"error": f"not ready: {why}"})
+        if path not in JSON_ROUTES and path not in FILE_ROUTES:
+            return await self.app(scope, receive, send)
+
+        headers = dict(scope["headers"])
+        ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        refusal = None
+        if path in JSON_ROUTES and ctype not in ("", "application/json"):
+            refusal = (415, f"unsupported content type {ctype!r}; {path} takes application/json", "content_type")
+        elif path in FILE_ROUTES and ctype != "multipart/form-data":
+            refusal = (415, f"unsupported content type {ctype!r}; {path} takes a multipart/form-data upload "
+                       "with the file in field 'file'", "content_type")
+        length = headers.get(b"content-length")
+        if refusal is None and length is not None:
+            try:
+                if int(length) > STATE.max_body_bytes:
+                    refusal = (413, f"request body of {int(length)} bytes is over the limit of "
+                               f"{STATE.max_body_bytes} bytes (MAX_BODY_MB)", "too_large")
+            except ValueError:
+                refusal = (400, "invalid Content-Length header", "bad_header")
+        if refusal is not None:
+            status, message, reason = refusal
+            metrics.get().rejected.labels(path, reason).inc()
+            return await _answer(send, status, {"error": message, "reason": reason}, reason)
+
+        if length is None:  # chunked upload: count while reading, stop at the limit
+            body, more = [], True
+            size = 0
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > STATE.max_body_bytes:
+                    metrics.get().rejected.labels(path, "too_large").inc()
+                    return await _answer(send, 413, {"error": f"request body is over the limit of "
+                                                     f"{STATE.max_body_bytes} bytes (MAX_BODY_MB)",
+                                                     "reason": "too_large"}, "too_large")
+                body.append(chunk)
+                more = msg.get("more_body", False)
+            replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+            async def receive():  # noqa: F811 - hand the buffered body to the app
+                return replay.pop() if replay else {"type": "http.disconnect"}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                hdrs = dict(message.get("headers", []))
+                reason = hdrs.get(b"x-imgclf-reason", b"").decode() or ("validation" if message["status"] == 400 else f"http_{message['status']}")
+                metrics.get().rejected.labels(path, reason).inc()
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)

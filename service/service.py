@@ -1,0 +1,256 @@
+"""The BentoML service: one class, the model loaded and verified in __init__, one typed method per endpoint.
+
+Settings (environment variables, read at start-up):
+    ARTIFACTS_DIR   artifacts               where versions live (a built Bento uses its bundled copy)
+    MODEL_NAME      cnn                     which model
+    MODEL_VERSION   promoted, else newest   which version
+    DEVICE          auto                    auto | cpu | cuda
+    WORKERS         1                       worker processes
+    MAX_IMAGES      1024                    images per JSON request (413 above)
+    MAX_NPZ_IMAGES  100000                  images per .npz upload (413 above)
+    MAX_BODY_MB     64                      request body size (413 above)
+    MAX_CONCURRENCY 256                     requests in flight per worker (429 above)
+    REQUEST_TIMEOUT 60                      seconds per request (504 after)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+from core import artifacts
+from core.models import pick_device
+from service import metrics
+from service.guard import Guard, STATE
+from service.inference import Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz
+
+log = logging.getLogger("imgclf")
+BUNDLE = Path(__file__).resolve().parent.parent / "bundle"
+DEVICE = os.environ.get("DEVICE", "auto")
+_WANTS_GPU = DEVICE.startswith("cuda") or (DEVICE == "auto" and torch.cuda.is_available())
+
+
+def _env_number(name: str, default, cast=int):
+    try:
+        return cast(os.environ.get(name, default))
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {os.environ.get(name)!r}") from None
+
+
+def choose_version() -> tuple[str, str, str | None]:
+    """(artifacts dir, model name, version or None); a built Bento serves exactly its bundled version."""
+    bundle = BUNDLE / "bundle.json"
+    if bundle.is_file():
+        b = json.loads(bundle.read_text())
+        return str(BUNDLE / "artifacts"), b["name"], b["version"]
+    return (os.environ.get("ARTIFACTS_DIR", "artifacts"), os.environ.get("MODEL_NAME", "cnn"),
+            os.environ.get("MODEL_VERSION") or None)
+
+
+# --- answer models (what /docs.json shows; the answers themselves are built as plain dicts) ---
+
+class Ranked(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class Prediction(Ranked):
+    top_k: list[Ranked]
+
+
+class PredictAnswer(BaseModel):
+    model_version: str
+    predictions: list[Prediction]
+
+
+class PerClass(BaseModel):
+    label: int
+    class_name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class ConsistencyTest(BaseModel):
+    test: str
+    alpha: float
+    p_value: float
+
+
+class EvaluateAnswer(BaseModel):
+    model_version: str
+    n: int
+    accuracy: float
+    accuracy_ci95: list[float]
+    confusion_matrix: list[list[int]]
+    per_class: list[PerClass]
+    offline_test_accuracy: float
+    offline_test_n: int
+    consistent_with_offline: bool
+    consistency_test: ConsistencyTest
+
+
+class ModelInfo(BaseModel):
+    name: str
+    model_version: str
+    created_at: str
+    architecture: dict
+    classes: list[str]
+    input: dict
+    offline_metrics: dict
+    device: str
+    limits: dict
+
+
+Images = Annotated[list[Any], Field(description="H x W lists of pixel values 0..255 (C x H x W for colour models)",
+                                    examples=[[[[0] * 28] * 28]])]
+Labels = Annotated[list[Any], Field(description="one integer class index per image", examples=[[9]])]
+
+
+@bentoml.service(
+    name="imgclf",
+    workers=_env_number("WORKERS", 1),
+    resources={"gpu": 1} if _WANTS_GPU else {"cpu": "1"},
+    traffic={"timeout": _env_number("REQUEST_TIMEOUT", 60, float),
+             "max_concurrency": _env_number("MAX_CONCURRENCY", 256)},
+    logging={"access": {"enabled": False}},
+)
+class ImageClassifier:
+    def __init__(self) -> None:
+        root, name, version = choose_version()
+        STATE.reset()
+        try:
+            device = pick_device(DEVICE)
+            loaded = artifacts.load(root, name, version, device=device)
+        except (artifacts.ArtifactError, ValueError, RuntimeError, OSError) as e:
+            # Stay up and say why on /readyz (503) and in the log: a bad version is never served.
+            STATE.load_error = f"model {name}/{version or '(promoted or newest)'} under {root} refused: {e}"
+            log.error("NOT READY: %s", STATE.load_error)
+            self.model = None
+            return
+        if device.type == "cpu":
+            # one process per core serves small models best; WORKERS share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _env_number("WORKERS", 1))))
+        self.model = Classifier(loaded, device)
+        self.metrics = metrics.get()
+        self.metrics.offline_accuracy.labels(self.model.version).set(loaded.manifest["test_accuracy"])
+        self.metrics.model_info.labels(name, self.model.version).set(1)
+        spec = self.model.spec
+        self.model.predict(np.zeros((2, spec["channels"], spec["height"], spec["width"]), np.uint8))  # warm-up
+        # The model and the framework are loaded for good: move them out of the collector's reach,
+        # so full collections stop scanning them (they caused 100+ ms pauses; see README).
+        gc.collect()
+        gc.freeze()
+        STATE.ready = True
+        log.info("serving %s/%s on %s", name, self.model.version, device)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _refuse(self, endpoint: str, e: InputError) -> JSONResponse:
+        return JSONResponse({"error": str(e), "reason": e.reason, "model_version": self._version()},
+                            status_code=e.status, headers={"x-imgclf-reason": e.reason})
+
+    def _version(self) -> str | None:
+        return self.model.version if self.model else None
+
+    def _unready(self) -> JSONResponse:
+        return JSONResponse({"error": f"model not loaded: {STATE.load_error}", "model_version": None}, status_code=503)
+
+    def _predict(self, endpoint: str, x: np.ndarray, top_k: int) -> JSONResponse:
+        t = time.perf_counter()
+        preds = self.model.predict(x, top_k)
+        m = self.metrics
+        m.latency.labels(endpoint, self.model.version).observe(time.perf_counter() - t)
+        m.batch_size.labels(endpoint).observe(len(x))
+        for p in preds:
+            m.predictions.labels(self.model.version, p["class_name"]).inc()
+        return JSONResponse({"model_version": self.model.version, "predictions": preds})
+
+    def _evaluate(self, endpoint: str, x: np.ndarray, y: np.ndarray) -> JSONResponse:
+        t = time.perf_counter()
+        answer = self.model.evaluate(x, y)
+        m = self.metrics
+        m.latency.labels(endpoint, self.model.version).observe(time.perf_counter() - t)
+        m.batch_size.labels(endpoint).observe(len(x))
+        m.evaluated.labels(self.model.version).inc(answer["n"])
+        m.evaluation_accuracy.labels(self.model.version).set(answer["accuracy"])
+        return JSONResponse(answer)
+
+    # --- endpoints -------------------------------------------------------------------------
+
+    @bentoml.api(route="/predict")
+    async def predict(self, images: Images, top_k: int = 3) -> PredictAnswer:
+        """Classify a batch of images: argmax class, its probability and the top-k classes."""
+        if self.model is None:
+            return self._unready()
+        try:
+            x = parse_images(images, self.model.spec)
+            return self._predict("/predict", x, top_k)
+        except InputError as e:
+            return self._refuse("/predict", e)
+
+    @bentoml.api(route="/predict_image")
+    async def predict_image(self, file: Annotated[Path, Field(description="a PNG or JPEG file")],
+                            top_k: int = 3) -> PredictAnswer:
+        """Classify one uploaded PNG or JPEG image (multipart field `file`), converted to the model's input."""
+        if self.model is None:
+            return self._unready()
+        try:
+            return self._predict("/predict_image", decode_image_file(file.read_bytes(), self.model.spec), top_k)
+        except InputError as e:
+            return self._refuse("/predict_image", e)
+
+    @bentoml.api(route="/evaluate")
+    def evaluate(self, images: Images, labels: Labels) -> EvaluateAnswer:
+        """Accuracy, confusion matrix and per-class figures of labelled images, beside the offline test accuracy."""
+        if self.model is None:
+            return self._unready()
+        try:
+            x = parse_images(images, self.model.spec)
+            y = parse_labels(labels, len(x), len(self.model.classes))
+            return self._evaluate("/evaluate", x, y)
+        except InputError as e:
+            return self._refuse("/evaluate", e)
+
+    @bentoml.api(route="/evaluate_npz")
+    def evaluate_npz(self, file: Annotated[Path, Field(description=".npz with uint8 `images` (N, H, W) and "
+                                                                    "integer `labels` (N,)")]) -> EvaluateAnswer:
+        """The same as /evaluate for large batches: one .npz upload (multipart field `file`), never unpickled."""
+        if self.model is None:
+            return self._unready()
+        try:
+            x, y = parse_npz(file.read_bytes(), self.model.spec, len(self.model.classes))
+            return self._evaluate("/evaluate_npz", x, y)
+        except InputError as e:
+            return self._refuse("/evaluate_npz", e)
+
+    @bentoml.api(route="/model_info")
+    async def model_info(self) -> ModelInfo:
+        """Name, version, classes, input spec and the offline metrics of the served version."""
+        if self.model is None:
+            return self._unready()
+        m = self.model.loaded.manifest
+        return JSONResponse({
+            "name": m["name"], "model_version": m["version"], "created_at": m["created_at"],
+            "architecture": m["model"], "classes": m["classes"], "input": m["input"],
+            "offline_metrics": {k: m[k] for k in ("test_accuracy", "test_loss", "confusion_matrix", "per_class",
+                                                  "calibration", "verdict")} | {"dataset": m["dataset"]},
+            "device": str(self.model.device),
+            "limits": STATE.limits(),
+        })
+
+
+ImageClassifier.add_asgi_middleware(Guard)
