@@ -40,3 +40,77 @@ def lenet_version(tmp_path_factory):
     folder = train(cfg, log=lambda *_: None)
     manifest = json.loads((folder / "manifest.json").read_text())
     return root, "lenet", folder.name, manifest
+
+
+class Server:
+    """A real `bentoml serve` process of the service on a free localhost port."""
+
+    def __init__(self, env: dict, workers: int = 1, log_path: Path | None = None):
+        import socket
+        import subprocess
+        import tempfile
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="imgclf-server-", suffix=".log")[1])
+        full_env = {**os.environ, "WORKERS": str(workers), "DEVICE": "cpu", **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+                                      "--host", "127.0.0.1"], cwd=ROOT, env=full_env,
+                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited:\n{self.log()[-3000:]}"
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"not ready after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def lenet_env(lenet_version) -> dict:
+    root, name, version, _ = lenet_version
+    return {"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": version}
+
+
+@pytest.fixture(scope="session")
+def lenet_server(lenet_version):
+    """One real server of the LeNet version for the HTTP contract tests (1 worker)."""
+    server = Server(lenet_env(lenet_version))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    from training.data import load_dataset
+
+    return load_dataset("fashion_mnist")
