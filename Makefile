@@ -15,7 +15,7 @@ ARTIFACTS_DIR ?= artifacts
 MODEL_NAME ?= $(if $(MODEL),$(MODEL),cnn)
 MODEL_VERSION ?=
 DEVICE ?= auto
-WORKERS ?= 1
+WORKERS ?= cpu_count
 PYTEST_ARGS ?=
 
 export ARTIFACTS_DIR MODEL_NAME MODEL_VERSION DEVICE WORKERS
@@ -66,10 +66,10 @@ bench: setup data
 	$(PY) -m bench
 
 bento: setup
-	$(PY) -m service.cli bento
+	$(PY) -m deploy.bento build
 
-containerize: bento
-	$(PY) -m service.cli containerize
+containerize: setup
+	$(PY) -m deploy.bento containerize
 
 clean-venv:
 	rm -rf $(VENV)

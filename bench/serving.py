@@ -72,7 +72,7 @@ def wrk(url: str, connections: int, duration: int, body_file: Path, lua: Path) -
                          timeout=duration + 60)
     text = out.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", text, re.M))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", text, re.M))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     total = int(re.search(r"(\d+) requests in", text).group(1))

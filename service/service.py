@@ -5,12 +5,13 @@ Settings (environment variables, read at start-up):
     MODEL_NAME      cnn                     which model
     MODEL_VERSION   promoted, else newest   which version
     DEVICE          auto                    auto | cpu | cuda
-    WORKERS         1                       worker processes
+    WORKERS         cpu_count               worker processes (a number, or cpu_count: one per core)
     MAX_IMAGES      1024                    images per JSON request (413 above)
     MAX_NPZ_IMAGES  100000                  images per .npz upload (413 above)
     MAX_BODY_MB     64                      request body size (413 above)
     MAX_CONCURRENCY 256                     requests in flight per worker (429 above)
     REQUEST_TIMEOUT 60                      seconds per request (504 after)
+    TORCH_THREADS   1                       torch intra-op threads per worker (CPU)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from service.guard import Guard, STATE
 from service.inference import Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz
 
 log = logging.getLogger("imgclf")
+log.setLevel(logging.INFO)  # BentoML's root handler passes WARNING+ only; our start-up lines are INFO
 BUNDLE = Path(__file__).resolve().parent.parent / "bundle"
 DEVICE = os.environ.get("DEVICE", "auto")
 _WANTS_GPU = DEVICE.startswith("cuda") or (DEVICE == "auto" and torch.cuda.is_available())
@@ -46,6 +48,11 @@ def _env_number(name: str, default, cast=int):
         return cast(os.environ.get(name, default))
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {os.environ.get(name)!r}") from None
+
+
+def _workers() -> int | str:
+    value = os.environ.get("WORKERS", "cpu_count")
+    return value if value == "cpu_count" else _env_number("WORKERS", 1)
 
 
 def choose_version() -> tuple[str, str, str | None]:
@@ -122,11 +129,13 @@ Labels = Annotated[list[Any], Field(description="one integer class index per ima
 
 @bentoml.service(
     name="imgclf",
-    workers=_env_number("WORKERS", 1),
+    workers=_workers(),
     resources={"gpu": 1} if _WANTS_GPU else {"cpu": "1"},
     traffic={"timeout": _env_number("REQUEST_TIMEOUT", 60, float),
              "max_concurrency": _env_number("MAX_CONCURRENCY", 256)},
     logging={"access": {"enabled": False}},
+    # OpenTelemetry spans cost ~20% of a small request; trace only when asked (TRACING=1)
+    tracing={} if os.environ.get("TRACING") == "1" else {"excluded_urls": "predict,evaluate,model_info"},
 )
 class ImageClassifier:
     def __init__(self) -> None:
@@ -142,8 +151,9 @@ class ImageClassifier:
             self.model = None
             return
         if device.type == "cpu":
-            # one process per core serves small models best; WORKERS share the cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _env_number("WORKERS", 1))))
+            # One intra-op thread per worker: for small models, more threads only spin and contend
+            # with the server and the other workers (measured in bench/; README "Benchmarks").
+            torch.set_num_threads(_env_number("TORCH_THREADS", 1))
         self.model = Classifier(loaded, device)
         self.metrics = metrics.get()
         self.metrics.offline_accuracy.labels(self.model.version).set(loaded.manifest["test_accuracy"])
@@ -154,6 +164,7 @@ class ImageClassifier:
         # so full collections stop scanning them (they caused 100+ ms pauses; see README).
         gc.collect()
         gc.freeze()
+        STATE.predict = self.predict
         STATE.ready = True
         log.info("serving %s/%s on %s", name, self.model.version, device)
 
