@@ -72,6 +72,20 @@ def _depth_and_shape(value, limit: int = 6) -> list[int]:
     return shape
 
 
+def _find_ragged(node, dims: tuple[int, ...], where: str, expected: str) -> None:
+    """The first list whose length differs from images[0]'s at the same depth (error path only)."""
+    if not dims:
+        if isinstance(node, list):
+            raise InputError(f"{where} is a list where a pixel value belongs; every image must be {expected}", "shape")
+        return  # a leaf: its type is checked by _reject_non_numbers
+    if not isinstance(node, list) or len(node) != dims[0]:
+        got = f"{len(node)} entries" if isinstance(node, list) else f"a {_type_name(node)}"
+        raise InputError(f"{where} has {got} where {dims[0]} were expected (ragged rows?): every image must be "
+                         f"{expected}", "shape")
+    for j, child in enumerate(node):
+        _find_ragged(child, dims[1:], f"{where}[{j}]", expected)
+
+
 def parse_images(value, spec: dict, max_images: int = MAX_IMAGES, field: str = "images") -> np.ndarray:
     """JSON `images` -> uint8 array (N, C, H, W), or an InputError that says what is wrong."""
     c, h, w = spec["channels"], spec["height"], spec["width"]
@@ -92,12 +106,10 @@ def parse_images(value, spec: dict, max_images: int = MAX_IMAGES, field: str = "
         arr = None  # ragged: numpy refuses inhomogeneous nesting
     if arr is None or arr.dtype == object:
         for i, img in enumerate(value):
-            ishape = _depth_and_shape(img) if isinstance(img, list) else []
-            if ishape != shape[1:]:
-                raise InputError(f"{field}[{i}] has shape {ishape or _type_name(img)}, but {field}[0] has "
-                                 f"{shape[1:]}: every image must be {expected} (ragged rows?)", "shape")
+            _find_ragged(img, tuple(shape[1:]), f"{field}[{i}]", expected)
         _reject_non_numbers(value, field)
-        raise InputError(f"'{field}' could not be read as a {expected} pixel array", "shape")
+        # regular and all numbers, yet numpy fell back to objects: integers beyond 64 bits
+        raise InputError(f"'{field}' holds integers far outside 0..255; pixel values must be in 0..255", "range")
     if arr.dtype.kind not in "iuf":
         if arr.dtype.kind == "b":
             raise InputError(f"'{field}' holds booleans; pixel values must be numbers 0..255", "type")
