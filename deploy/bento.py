@@ -42,9 +42,13 @@ def build() -> str:
     name, version = stage(os.environ.get("ARTIFACTS_DIR", "artifacts"), os.environ.get("MODEL_NAME", "cnn"),
                           os.environ.get("MODEL_VERSION") or None)
     print(f"bundling {name}/{version}")
-    out = subprocess.run([bentoml_cli(), "build", "-f", "bentofile.yaml", "--label", f"model={name}",
-                          "--label", f"model_version={version}", "-o", "tag"],
-                         cwd=ROOT, capture_output=True, text=True)
+    try:
+        out = subprocess.run([bentoml_cli(), "build", "-f", "bentofile.yaml", "--label", f"model={name}",
+                              "--label", f"model_version={version}", "-o", "tag"],
+                             cwd=ROOT, capture_output=True, text=True)
+    finally:
+        # the staged copy is only for the build: left here, `make serve` would serve it
+        shutil.rmtree(BUNDLE, ignore_errors=True)
     if out.returncode != 0:
         sys.exit(f"bentoml build failed:\n{out.stdout}\n{out.stderr}")
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")

@@ -45,7 +45,8 @@ def lenet_version(tmp_path_factory):
 class Server:
     """A real `bentoml serve` process of the service on a free localhost port."""
 
-    def __init__(self, env: dict, workers: int = 1, log_path: Path | None = None):
+    def __init__(self, env: dict, workers: int = 1, log_path: Path | None = None, cmd: list[str] | None = None,
+                 cwd: Path | None = None):
         import socket
         import subprocess
         import tempfile
@@ -56,8 +57,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="imgclf-server-", suffix=".log")[1])
         full_env = {**os.environ, "WORKERS": str(workers), "DEVICE": "cpu", **env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-                                      "--host", "127.0.0.1"], cwd=ROOT, env=full_env,
+        cmd = cmd or [sys.executable, "-m", "service.cli", "serve"]
+        self.proc = subprocess.Popen([*cmd, "--port", str(self.port), "--host", "127.0.0.1"], cwd=cwd or ROOT, env=full_env,
                                      stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
