@@ -4,7 +4,8 @@
 
 1. trains LeNet 2 epochs with device=cuda and publishes a version (same format as on CPU);
 2. loads that version on cuda and on cpu and compares their predictions on the 10,000 test images;
-3. times in-process batched inference on each device.
+3. times in-process batched inference on each device;
+4. runs the service's inference path (service.inference.Classifier) on cuda over the test set.
 Prints one JSON summary line at the end.
 """
 
@@ -59,7 +60,13 @@ def main() -> None:
     p_cpu, cpu_ips = infer(cpu, ds.test_x, "cpu")
     agree = float((p_gpu.argmax(1) == p_cpu.argmax(1)).float().mean())
     acc_gpu = float((p_gpu.argmax(1) == ds.test_y).float().mean())
-    summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "train_seconds": round(train_s, 1),
+    # the service's own inference path (service/inference.py, no BentoML needed) on the GPU
+    from service.inference import Classifier
+    clf = Classifier(gpu, torch.device("cuda"))
+    served = clf.evaluate(ds.test_x.numpy(), ds.test_y.numpy())
+    summary = {"gpu": torch.cuda.get_device_name(0),
+               "service_classifier_cuda_accuracy": served["accuracy"],
+               "service_matches_manifest": served["accuracy"] == m["test_accuracy"], "torch": torch.__version__, "train_seconds": round(train_s, 1),
                "manifest_device": m["device"], "manifest_test_accuracy": m["test_accuracy"],
                "reloaded_gpu_accuracy": acc_gpu, "gpu_cpu_argmax_agreement": agree,
                "max_abs_prob_diff": float((p_gpu - p_cpu).abs().max()),
