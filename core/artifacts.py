@@ -164,6 +164,7 @@ def promote(root: str | Path, name: str, version: str) -> None:
     if version not in list_versions(root, name):
         raise ArtifactNotFound(f"no version {version!r} of {name!r} under {root}; "
                                f"known: {', '.join(list_versions(root, name)) or 'none'}")
+    verify(Path(root) / name / version)  # never promote a version the service would refuse
     parent = Path(root) / name
     tmp = parent / f".{PROMOTED}.tmp"
     tmp.write_text(version + "\n")

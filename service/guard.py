@@ -23,6 +23,7 @@ class State:
     ready: bool = False
     load_error: str | None = None
     predict: Callable | None = None  # the service instance's predict method, once loaded
+    reload_error: str | None = None  # the last promoted version that failed to load, and why
     max_body_bytes: int = int(float(os.environ.get("MAX_BODY_MB", "64")) * 1024 * 1024)
 
     def reset(self) -> None:
@@ -45,6 +46,36 @@ async def _answer(send, status: int, body: dict, reason: str | None = None) -> N
         headers.append((b"x-imgclf-reason", reason.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
+
+
+async def _check_upload(scope, body: bytes) -> str | None:
+    """What is wrong with a multipart upload, or None. BentoML's own parser answers 500 to a binary
+    part under another field name, and downloads a URL sent as the text of field 'file': refuse both."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    sent = []
+
+    async def receive():
+        if sent:
+            return {"type": "http.disconnect"}
+        sent.append(True)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, receive).form(max_files=1, max_fields=8)
+    except Exception as e:  # python-multipart and starlette raise several types for malformed bodies
+        return f"malformed multipart body ({e})"
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile) and key != "file":
+                return f"unexpected file in field {key!r}"
+        files = form.getlist("file")
+        if len(files) != 1 or not isinstance(files[0], UploadFile):
+            return "no file in field 'file'" if not files else "field 'file' must be one uploaded file, not text"
+        return None
+    finally:
+        await form.close()
 
 
 class Guard:
@@ -84,7 +115,7 @@ class Guard:
 
         fast = path == "/predict" and scope["method"] == "POST" and STATE.predict is not None
         body = None
-        if length is None or fast:  # read the body here: counted against the limit as it arrives
+        if length is None or fast or path in FILE_ROUTES:  # read the body here, counted against the limit
             chunks, size, more = [], 0, True
             while more:
                 msg = await receive()
@@ -100,6 +131,10 @@ class Guard:
                 chunks.append(chunk)
                 more = msg.get("more_body", False)
             body = b"".join(chunks)
+            if path in FILE_ROUTES and (problem := await _check_upload(scope, body)):
+                metrics.get().rejected.labels(path, "multipart").inc()
+                return await _answer(send, 400, {"error": f"{problem}; send the file as multipart form field 'file', "
+                                                 "e.g. curl -F file=@image.png", "reason": "multipart"}, "multipart")
             replay = [{"type": "http.request", "body": body, "more_body": False}]
 
             async def receive():  # noqa: F811 - hand the buffered body on

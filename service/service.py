@@ -12,6 +12,7 @@ Settings (environment variables, read at start-up):
     MAX_CONCURRENCY 256                     requests in flight per worker (429 above)
     REQUEST_TIMEOUT 60                      seconds per request (504 after)
     TORCH_THREADS   1                       torch intra-op threads per worker (CPU)
+    RELOAD_POLL_S   2                       seconds between checks for a newly promoted version (0: off)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import gc
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -167,100 +169,141 @@ class ImageClassifier:
         STATE.predict = self.predict
         STATE.ready = True
         log.info("serving %s/%s on %s", name, self.model.version, device)
+        every = _env_number("RELOAD_POLL_S", 2.0, float)
+        if every > 0 and version is None:  # a pinned MODEL_VERSION or a bundled version never changes
+            threading.Thread(target=self._watch_promotions, args=(root, name, every), daemon=True,
+                             name="imgclf-reload").start()
+
+    # --- hot reload ------------------------------------------------------------------------
+
+    def _watch_promotions(self, root: str, name: str, every: float) -> None:
+        """Serve a newly promoted version without a restart. `python -m training promote` is the
+        trigger (it renames the PROMOTED file atomically); there is no HTTP route for it. The new
+        version is verified and warmed up beside the old one, then swapped in with one assignment:
+        requests in flight finish on the model they started with. A version that fails to load is
+        logged and skipped; the old one keeps serving."""
+        failed: str | None = None
+        while True:
+            time.sleep(every)
+            try:
+                target = artifacts.promoted(root, name)
+            except (artifacts.ArtifactError, OSError):
+                continue
+            if target is None or target == self.model.version or target == failed:
+                continue
+            try:
+                new = Classifier(artifacts.load(root, name, target, device=self.model.device), self.model.device)
+                spec = new.spec
+                new.predict(np.zeros((2, spec["channels"], spec["height"], spec["width"]), np.uint8))
+            except Exception as e:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
+                failed = target
+                STATE.reload_error = f"promoted version {name}/{target} refused, still serving {self.model.version}: {e}"
+                log.error("RELOAD FAILED: %s", STATE.reload_error)
+                continue
+            old, self.model = self.model, new
+            failed, STATE.reload_error = None, None
+            self.metrics.offline_accuracy.labels(new.version).set(new.loaded.manifest["test_accuracy"])
+            self.metrics.model_info.labels(name, new.version).set(1)
+            self.metrics.model_info.labels(name, old.version).set(0)
+            gc.collect()
+            gc.freeze()
+            log.info("reloaded: now serving %s/%s (was %s)", name, new.version, old.version)
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _refuse(self, endpoint: str, e: InputError) -> JSONResponse:
-        return JSONResponse({"error": str(e), "reason": e.reason, "model_version": self._version()},
+    def _refuse(self, model: Classifier, e: InputError) -> JSONResponse:
+        return JSONResponse({"error": str(e), "reason": e.reason, "model_version": model.version},
                             status_code=e.status, headers={"x-imgclf-reason": e.reason})
-
-    def _version(self) -> str | None:
-        return self.model.version if self.model else None
 
     def _unready(self) -> JSONResponse:
         return JSONResponse({"error": f"model not loaded: {STATE.load_error}", "model_version": None}, status_code=503)
 
-    def _predict(self, endpoint: str, x: np.ndarray, top_k: int) -> JSONResponse:
+    def _predict(self, model: Classifier, endpoint: str, x: np.ndarray, top_k: int) -> JSONResponse:
         t = time.perf_counter()
-        preds = self.model.predict(x, top_k)
+        preds = model.predict(x, top_k)
         m = self.metrics
-        m.latency.labels(endpoint, self.model.version).observe(time.perf_counter() - t)
+        m.latency.labels(endpoint, model.version).observe(time.perf_counter() - t)
         m.batch_size.labels(endpoint).observe(len(x))
         for p in preds:
-            m.predictions.labels(self.model.version, p["class_name"]).inc()
-        return JSONResponse({"model_version": self.model.version, "predictions": preds})
+            m.predictions.labels(model.version, p["class_name"]).inc()
+        return JSONResponse({"model_version": model.version, "predictions": preds})
 
-    def _evaluate(self, endpoint: str, x: np.ndarray, y: np.ndarray) -> JSONResponse:
+    def _evaluate(self, model: Classifier, endpoint: str, x: np.ndarray, y: np.ndarray) -> JSONResponse:
         t = time.perf_counter()
-        answer = self.model.evaluate(x, y)
+        answer = model.evaluate(x, y)
         m = self.metrics
-        m.latency.labels(endpoint, self.model.version).observe(time.perf_counter() - t)
+        m.latency.labels(endpoint, model.version).observe(time.perf_counter() - t)
         m.batch_size.labels(endpoint).observe(len(x))
-        m.evaluated.labels(self.model.version).inc(answer["n"])
-        m.evaluation_accuracy.labels(self.model.version).set(answer["accuracy"])
+        m.evaluated.labels(model.version).inc(answer["n"])
+        m.evaluation_accuracy.labels(model.version).set(answer["accuracy"])
         return JSONResponse(answer)
 
-    # --- endpoints -------------------------------------------------------------------------
+    # --- endpoints: each takes the current model once, so its answer names the version that computed it
 
     @bentoml.api(route="/predict")
     async def predict(self, images: Images, top_k: int = 3) -> PredictAnswer:
         """Classify a batch of images: argmax class, its probability and the top-k classes."""
-        if self.model is None:
+        model = self.model
+        if model is None:
             return self._unready()
         try:
-            x = parse_images(images, self.model.spec)
-            return self._predict("/predict", x, top_k)
+            return self._predict(model, "/predict", parse_images(images, model.spec), top_k)
         except InputError as e:
-            return self._refuse("/predict", e)
+            return self._refuse(model, e)
 
     @bentoml.api(route="/predict_image")
     async def predict_image(self, file: Annotated[Path, Field(description="a PNG or JPEG file")],
                             top_k: int = 3) -> PredictAnswer:
         """Classify one uploaded PNG or JPEG image (multipart field `file`), converted to the model's input."""
-        if self.model is None:
+        model = self.model
+        if model is None:
             return self._unready()
         try:
-            return self._predict("/predict_image", decode_image_file(file.read_bytes(), self.model.spec), top_k)
+            return self._predict(model, "/predict_image", decode_image_file(file.read_bytes(), model.spec), top_k)
         except InputError as e:
-            return self._refuse("/predict_image", e)
+            return self._refuse(model, e)
 
     @bentoml.api(route="/evaluate")
     def evaluate(self, images: Images, labels: Labels) -> EvaluateAnswer:
         """Accuracy, confusion matrix and per-class figures of labelled images, beside the offline test accuracy."""
-        if self.model is None:
+        model = self.model
+        if model is None:
             return self._unready()
         try:
-            x = parse_images(images, self.model.spec)
-            y = parse_labels(labels, len(x), len(self.model.classes))
-            return self._evaluate("/evaluate", x, y)
+            x = parse_images(images, model.spec)
+            y = parse_labels(labels, len(x), len(model.classes))
+            return self._evaluate(model, "/evaluate", x, y)
         except InputError as e:
-            return self._refuse("/evaluate", e)
+            return self._refuse(model, e)
 
     @bentoml.api(route="/evaluate_npz")
     def evaluate_npz(self, file: Annotated[Path, Field(description=".npz with uint8 `images` (N, H, W) and "
                                                                     "integer `labels` (N,)")]) -> EvaluateAnswer:
         """The same as /evaluate for large batches: one .npz upload (multipart field `file`), never unpickled."""
-        if self.model is None:
+        model = self.model
+        if model is None:
             return self._unready()
         try:
-            x, y = parse_npz(file.read_bytes(), self.model.spec, len(self.model.classes))
-            return self._evaluate("/evaluate_npz", x, y)
+            x, y = parse_npz(file.read_bytes(), model.spec, len(model.classes))
+            return self._evaluate(model, "/evaluate_npz", x, y)
         except InputError as e:
-            return self._refuse("/evaluate_npz", e)
+            return self._refuse(model, e)
 
     @bentoml.api(route="/model_info")
     async def model_info(self) -> ModelInfo:
         """Name, version, classes, input spec and the offline metrics of the served version."""
-        if self.model is None:
+        model = self.model
+        if model is None:
             return self._unready()
-        m = self.model.loaded.manifest
+        m = model.loaded.manifest
         return JSONResponse({
             "name": m["name"], "model_version": m["version"], "created_at": m["created_at"],
             "architecture": m["model"], "classes": m["classes"], "input": m["input"],
             "offline_metrics": {k: m[k] for k in ("test_accuracy", "test_loss", "confusion_matrix", "per_class",
                                                   "calibration", "verdict")} | {"dataset": m["dataset"]},
-            "device": str(self.model.device),
+            "device": str(model.device),
             "limits": STATE.limits(),
+            "reload_error": STATE.reload_error,
         })
 
 
