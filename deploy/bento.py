@@ -1,7 +1,7 @@
 """`make bento` and `make containerize`.
 
     python -m deploy.bento build         # stage the chosen version into bundle/, then `bentoml build`
-    python -m deploy.bento containerize  # `bentoml containerize` where a container engine answers
+    python -m deploy.bento containerize [TAG]  # `bentoml containerize` where a container engine answers
 
 The version is chosen as the service chooses it (ARTIFACTS_DIR, MODEL_NAME, MODEL_VERSION;
 promoted else newest) and verified before it is copied. In the Bento the service finds
@@ -65,8 +65,8 @@ def engine() -> str | None:
     return None
 
 
-def containerize() -> None:
-    tag = build()
+def containerize(tag: str | None = None) -> None:
+    tag = tag or build()
     backend = engine()
     if backend is None:
         sys.exit(f"no container engine answers on this machine (tried docker, podman, nerdctl, buildctl). "
@@ -78,7 +78,9 @@ def containerize() -> None:
 
 
 if __name__ == "__main__":
-    cmds = {"build": build, "containerize": containerize}
-    if len(sys.argv) != 2 or sys.argv[1] not in cmds:
-        sys.exit(f"usage: python -m deploy.bento {{{','.join(cmds)}}}")
-    cmds[sys.argv[1]]()
+    if sys.argv[1:2] == ["build"] and len(sys.argv) == 2:
+        build()
+    elif sys.argv[1:2] == ["containerize"] and len(sys.argv) <= 3:
+        containerize(*sys.argv[2:])
+    else:
+        sys.exit("usage: python -m deploy.bento build | containerize [BENTO_TAG]")

@@ -72,3 +72,15 @@ def test_bento_serves_its_own_version_from_another_folder(bento, fashion, tmp_pa
         assert got["accuracy"] == int((pred == y).sum()) / 500
     finally:
         server.stop()
+
+
+def test_containerize_says_plainly_when_no_engine_answers(bento):
+    from deploy.bento import engine
+
+    if engine() is not None:
+        pytest.skip("a container engine answers here: containerize would really build an image")
+    tag, _, env, _ = bento
+    out = subprocess.run([sys.executable, "-m", "deploy.bento", "containerize", tag], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "no container engine answers" in out.stderr and "env/docker/Dockerfile" in out.stderr
