@@ -349,3 +349,29 @@ def test_flipped_byte_never_becomes_ready(lenet_version, tmp_path_factory):
         assert "NOT READY" in log and str(weights) in log and manifest["weights_sha256"] in log, log[-2000:]
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"MODEL_VERSION": "../../etc"}, "invalid version"),            # cannot reach outside ARTIFACTS_DIR
+    ({"MODEL_VERSION": "20000101-000000-00000000"}, "no version"),  # unknown version
+    ({"DEVICE": "cuda"}, "CUDA"),                                    # asked for a GPU that is not there
+])
+def test_a_version_that_cannot_load_answers_503_with_the_reason(lenet_version, tmp_path_factory, env, words):
+    import torch
+
+    if env.get("DEVICE") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: DEVICE=cuda loads")
+    s = start(tmp_path_factory, {**lenet_env(lenet_version), **env})
+    try:
+        deadline, r = time.monotonic() + 90, None
+        while time.monotonic() < deadline:
+            assert s.proc.poll() is None, s.log()
+            try:
+                r = httpx.get(s.url + "/readyz", timeout=5)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert r is not None and r.status_code == 503 and words in r.json()["error"], r and r.text
+        assert httpx.get(s.url + "/livez").status_code == 200
+    finally:
+        s.stop()
