@@ -86,6 +86,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        if path == "/model_info" and scope["method"] == "GET":
+            # BentoML routes APIs as POST only; a GET reads the same answer (empty body)
+            scope = {**scope, "method": "POST", "headers": [h for h in scope["headers"] if h[0] != b"content-type"]}
         if path == "/readyz" and not STATE.ready:
             why = STATE.load_error or "the model is still loading"
             return await _answer(send, 503, {"error": f"not ready: {why}"})

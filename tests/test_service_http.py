@@ -125,6 +125,7 @@ def test_model_info(server, lenet_version):
     assert info["classes"][0] == "T-shirt/top" and info["input"]["height"] == 28
     assert info["offline_metrics"]["test_accuracy"] == lenet_version[3]["test_accuracy"]
     assert info["created_at"] and info["limits"]["max_images"] >= 1
+    assert httpx.get(server.url + "/model_info").json() == info  # GET reads the same answer
     assert httpx.get(server.url + "/docs.json").status_code == 200
 
 
