@@ -6,11 +6,13 @@ what was wrong and what is expected; `reason` is a short, fixed label for the me
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import os
 import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 
@@ -263,10 +265,16 @@ class Classifier:
                 out.append(forward_logits(self.loaded.model, xb, self.tta).softmax(1).cpu())
         return torch.cat(out)
 
-    def predict(self, images: np.ndarray, top_k: int = 3) -> list[dict]:
+    def check_top_k(self, top_k) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= min(MAX_TOP_K, len(self.classes)):
             raise InputError(f"top_k must be an integer 1..{min(MAX_TOP_K, len(self.classes))}, got {top_k!r}", "top_k")
-        probs = self.probabilities(images)
+
+    def predict(self, images: np.ndarray, top_k: int = 3) -> list[dict]:
+        self.check_top_k(top_k)
+        return self.answers(self.probabilities(images), top_k)
+
+    def answers(self, probs: torch.Tensor, top_k: int) -> list[dict]:
+        """Softmax probabilities (N, K) -> one answer per image: argmax and the top-k classes."""
         p, idx = probs.topk(top_k, dim=1)
         p, idx = p.tolist(), idx.tolist()
         return [{"label": ix[0], "class_name": self.classes[ix[0]], "probability": pr[0],
@@ -300,3 +308,54 @@ class Classifier:
                 "p_value": p_value,
             },
         }
+
+
+class Batcher:
+    """Adaptive batching for /predict: images of requests that arrive while a forward pass runs are
+    stacked into the next one, up to `max_batch` images.
+
+    There is no waiting window: an image that finds the model idle runs at once, so batching adds
+    no latency at low load and never refuses a request (BentoML's own adaptive batching answers
+    503 when it cannot meet its latency target, and would change the answer's shape). The forward
+    pass runs on one inference thread, leaving the event loop free to read the next requests.
+    """
+
+    def __init__(self, classifier: Classifier, max_batch: int = 256):
+        self.classifier, self.max_batch = classifier, max_batch
+        self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.draining = False
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-infer")
+
+    async def probabilities(self, images: np.ndarray) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((images, future))
+        if not self.draining:
+            self.draining = True
+            loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                take, n = [], 0
+                while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
+                    item = self.pending.pop(0)
+                    take.append(item)
+                    n += len(item[0])
+                x = take[0][0] if len(take) == 1 else np.concatenate([images for images, _ in take])
+                try:
+                    probs = await loop.run_in_executor(self.executor, self.classifier.probabilities, x)
+                except Exception as e:  # noqa: BLE001 - every waiting request hears of it
+                    for _, future in take:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                start = 0
+                for images, future in take:
+                    if not future.done():  # a client that went away leaves a cancelled future
+                        future.set_result(probs[start:start + len(images)])
+                    start += len(images)
+        finally:
+            self.draining = False

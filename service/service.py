@@ -36,7 +36,7 @@ from core import artifacts
 from core.models import pick_device
 from service import metrics
 from service.guard import Guard, STATE
-from service.inference import Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz
+from service.inference import Batcher, Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz
 
 log = logging.getLogger("imgclf")
 log.setLevel(logging.INFO)  # BentoML's root handler passes WARNING+ only; our start-up lines are INFO
@@ -157,6 +157,7 @@ class ImageClassifier:
             # with the server and the other workers (measured in bench/; README "Benchmarks").
             torch.set_num_threads(_env_number("TORCH_THREADS", 1))
         self.model = Classifier(loaded, device)
+        self.batchers = {self.model.version: Batcher(self.model)}  # adaptive batching of /predict
         self.metrics = metrics.get()
         self.metrics.offline_accuracy.labels(self.model.version).set(loaded.manifest["test_accuracy"])
         self.metrics.model_info.labels(name, self.model.version).set(1)
@@ -200,7 +201,10 @@ class ImageClassifier:
                 STATE.reload_error = f"promoted version {name}/{target} refused, still serving {self.model.version}: {e}"
                 log.error("RELOAD FAILED: %s", STATE.reload_error)
                 continue
+            self.batchers[new.version] = Batcher(new)
             old, self.model = self.model, new
+            # requests that took the old model finish on its batcher; it is dropped after a grace period
+            threading.Timer(60, self.batchers.pop, args=(old.version, None)).start()
             failed, STATE.reload_error = None, None
             self.metrics.offline_accuracy.labels(new.version).set(new.loaded.manifest["test_accuracy"])
             self.metrics.model_info.labels(name, new.version).set(1)
@@ -218,9 +222,10 @@ class ImageClassifier:
     def _unready(self) -> JSONResponse:
         return JSONResponse({"error": f"model not loaded: {STATE.load_error}", "model_version": None}, status_code=503)
 
-    def _predict(self, model: Classifier, endpoint: str, x: np.ndarray, top_k: int) -> JSONResponse:
+    async def _predict(self, model: Classifier, endpoint: str, x: np.ndarray, top_k: int) -> JSONResponse:
+        model.check_top_k(top_k)
         t = time.perf_counter()
-        preds = model.predict(x, top_k)
+        preds = model.answers(await self.batchers[model.version].probabilities(x), top_k)
         m = self.metrics
         m.latency.labels(endpoint, model.version).observe(time.perf_counter() - t)
         m.batch_size.labels(endpoint).observe(len(x))
@@ -247,7 +252,7 @@ class ImageClassifier:
         if model is None:
             return self._unready()
         try:
-            return self._predict(model, "/predict", parse_images(images, model.spec), top_k)
+            return await self._predict(model, "/predict", parse_images(images, model.spec), top_k)
         except InputError as e:
             return self._refuse(model, e)
 
@@ -259,7 +264,8 @@ class ImageClassifier:
         if model is None:
             return self._unready()
         try:
-            return self._predict(model, "/predict_image", decode_image_file(file.read_bytes(), model.spec), top_k)
+            return await self._predict(model, "/predict_image", decode_image_file(file.read_bytes(), model.spec),
+                                       top_k)
         except InputError as e:
             return self._refuse(model, e)
 
