@@ -56,7 +56,11 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="imgclf-server-", suffix=".log")[1])
-        full_env = {**os.environ, "WORKERS": str(workers), "DEVICE": "cpu", **env}
+        # each server its own BENTOML_HOME: `bentoml serve` empties the Prometheus multiprocess
+        # folder there at start, which would wipe another running server's metrics
+        home = env.get("BENTOML_HOME") or tempfile.mkdtemp(prefix="bentoml-home-")
+        full_env = {**os.environ, "WORKERS": str(workers), "DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true", **env,
+                    "BENTOML_HOME": home}
         cmd = cmd or [sys.executable, "-m", "service.cli", "serve"]
         self.proc = subprocess.Popen([*cmd, "--port", str(self.port), "--host", "127.0.0.1"], cwd=cwd or ROOT, env=full_env,
                                      stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
