@@ -10,7 +10,6 @@ import asyncio
 import io
 import math
 import os
-import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -238,6 +237,16 @@ def decode_image_file(data: bytes, spec: dict) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _cpu_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="imgclf-cpu")
+    return _POOL
+
+
 @dataclass
 class Classifier:
     """A verified artifact version on a device, answering predict and evaluate."""
@@ -252,18 +261,25 @@ class Classifier:
         self.classes: list[str] = m["classes"]
         self.spec: dict = m["input"]
         self.tta: bool = m["model"].get("tta_flip", False)
-        self._lock = threading.Lock()  # one forward pass at a time per process
+
+    def probabilities(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> softmax probabilities (N, K) on the CPU.
+
+        Passes of 256 images: LeNet on one thread ran at ~20,500 images/s against ~11,200 at 1,024
+        (activations stay in cache). On the CPU a large request's passes run on one thread per core
+        (torch releases the GIL inside its kernels; the model is read-only in eval mode), so an
+        /evaluate uses every core while each pass keeps the one intra-op thread of TORCH_THREADS.
+        """
+        x = torch.from_numpy(images)
+        chunks = [x[i:i + batch] for i in range(0, len(x), batch)]
+        if len(chunks) == 1 or self.device.type != "cpu":
+            return torch.cat([self._pass(c) for c in chunks])
+        return torch.cat(list(_cpu_pool().map(self._pass, chunks)))
 
     @torch.inference_mode()
-    def probabilities(self, images: np.ndarray, batch: int = 1024) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> softmax probabilities (N, K) on the CPU."""
-        x = torch.from_numpy(images)
-        out = []
-        with self._lock:
-            for i in range(0, len(x), batch):
-                xb = preprocess(x[i:i + batch].to(self.device, non_blocking=True), self.spec)
-                out.append(forward_logits(self.loaded.model, xb, self.tta).softmax(1).cpu())
-        return torch.cat(out)
+    def _pass(self, xb: torch.Tensor) -> torch.Tensor:
+        xb = preprocess(xb.to(self.device, non_blocking=True), self.spec)
+        return forward_logits(self.loaded.model, xb, self.tta).softmax(1).cpu()
 
     def check_top_k(self, top_k) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= min(MAX_TOP_K, len(self.classes)):
