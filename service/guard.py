@@ -78,6 +78,60 @@ async def _check_upload(scope, body: bytes) -> str | None:
         await form.close()
 
 
+# Statuses every API route can answer besides 200, as documented in /docs.json. BentoML's generated
+# spec lists only 400/404/500, and its 400 schema says `detail` is a string where its own
+# validation answers a list: both are corrected here, so the spec matches what clients receive.
+ERROR_STATUSES = {
+    "400": "Bad Request: the input is malformed; `error` says what is wrong and what is expected",
+    "413": "Payload Too Large: body over MAX_BODY_MB, or more images than MAX_IMAGES / MAX_NPZ_IMAGES",
+    "415": "Unsupported Media Type: wrong Content-Type, or an image file that is not PNG or JPEG",
+    "429": "Too Many Requests: more than MAX_CONCURRENCY requests in flight on this worker; retry later",
+    "503": "Service Unavailable: no model loaded (the reason is in `error`), or overloaded",
+    "504": "Gateway Timeout: the request took longer than REQUEST_TIMEOUT seconds",
+}
+ERROR_SCHEMA = {
+    "type": "object", "title": "ErrorAnswer", "required": ["error"],
+    "properties": {
+        "error": {"type": "string", "title": "Message"},
+        "reason": {"type": "string", "title": "Short fixed label of the refusal"},
+        "model_version": {"type": "string", "nullable": True, "title": "Version that refused it"},
+        "detail": {"title": "Error Detail (a string, or pydantic's list of validation errors)"},
+    },
+}
+
+
+def document_errors(spec: dict) -> dict:
+    """Add the refusals this service answers (ERROR_STATUSES) to every API operation of the spec."""
+    spec.setdefault("components", {}).setdefault("schemas", {})["ErrorAnswer"] = ERROR_SCHEMA
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorAnswer"}}}
+    for path, item in spec.get("paths", {}).items():
+        if path not in JSON_ROUTES and path not in FILE_ROUTES:
+            continue
+        for op in item.values():
+            if isinstance(op, dict) and "responses" in op:
+                op["responses"].update({code: {"description": text, "content": ref}
+                                        for code, text in ERROR_STATUSES.items()})
+    return spec
+
+
+async def _documented_spec(app, scope, receive, send) -> None:
+    """GET /docs.json: BentoML's spec with document_errors applied."""
+    start, chunks = {}, []
+
+    async def capture(message):
+        if message["type"] == "http.response.start":
+            start.update(message)
+        else:
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, capture)
+    body = b"".join(chunks)
+    if start.get("status") != 200:
+        await send(start)
+        return await send({"type": "http.response.body", "body": body})
+    await _answer(send, 200, document_errors(json.loads(body)))
+
+
 class Guard:
     def __init__(self, app):
         self.app = app
@@ -92,6 +146,8 @@ class Guard:
         if path == "/readyz" and not STATE.ready:
             why = STATE.load_error or "the model is still loading"
             return await _answer(send, 503, {"error": f"not ready: {why}"})
+        if path == "/docs.json" and scope["method"] == "GET":
+            return await _documented_spec(self.app, scope, receive, send)
         if path not in JSON_ROUTES and path not in FILE_ROUTES:
             return await self.app(scope, receive, send)
 
