@@ -248,3 +248,59 @@ def test_top_k_is_checked(classifier):
     with pytest.raises(InputError):
         classifier.predict(np.zeros((1, 1, 28, 28), np.uint8), top_k=0)
     assert len(classifier.predict(np.zeros((1, 1, 28, 28), np.uint8), top_k=10)[0]["top_k"]) == 10
+
+
+def test_predict_equals_a_direct_computation_with_the_model(classifier, test_set, lenet_version):
+    """The served probabilities are the model's softmax on the manifest's normalisation, written out here."""
+    root, name, version, manifest = lenet_version
+    loaded = artifacts.load(root, name, version)
+    spec = manifest["input"]
+    x = test_set[0][:300]
+    mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        probs = loaded.model.eval()((torch.from_numpy(x).float() / 255.0 - mean) / std).softmax(1)
+    preds = classifier.predict(x, top_k=3)
+    assert [p["label"] for p in preds] == probs.argmax(1).tolist()
+    got = torch.tensor([p["probability"] for p in preds])
+    assert torch.allclose(got, probs.max(1).values, atol=1e-5)
+    top3 = probs.topk(3, dim=1).indices.tolist()
+    assert [[t["label"] for t in p["top_k"]] for p in preds] == top3
+    # evaluate counts what the direct computation gets right
+    y = test_set[1][:300]
+    answer = classifier.evaluate(x, y)
+    assert answer["n"] == 300
+    assert sum(answer["confusion_matrix"][k][k] for k in range(10)) == int((probs.argmax(1).numpy() == y).sum())
+
+
+def test_consistency_with_the_offline_test_set(classifier, lenet_version):
+    """evaluation_answer: the offline confusion matrix itself is consistent; a far worse batch is not."""
+    manifest = lenet_version[3]
+    same = classifier.evaluation_answer(torch.tensor(manifest["confusion_matrix"]))
+    assert same["accuracy"] == pytest.approx(manifest["test_accuracy"])
+    assert same["consistent_with_offline"] is True
+    assert same["consistency_test"]["p_value"] == pytest.approx(1.0)
+    lo, hi = same["accuracy_ci95"]
+    assert lo < manifest["test_accuracy"] < hi and hi - lo < 0.02  # n = 10,000: a narrow interval
+
+    # 1,000 images at 50% accuracy (500 on the diagonal, the rest one class off)
+    cm = torch.zeros(10, 10, dtype=torch.int64)
+    for k in range(10):
+        cm[k, k] = 50
+        cm[k, (k + 1) % 10] = 50
+    worse = classifier.evaluation_answer(cm)
+    assert worse["n"] == 1000 and worse["accuracy"] == pytest.approx(0.5)
+    assert worse["consistent_with_offline"] is False
+    assert worse["consistency_test"]["p_value"] < 1e-6 and worse["consistency_test"]["alpha"] == 0.05
+    lo, hi = worse["accuracy_ci95"]
+    assert lo < 0.5 < hi and hi < manifest["test_accuracy"]
+
+    # 200 images two points below the offline accuracy stay consistent (the test is not over-eager)
+    correct = round((manifest["test_accuracy"] - 0.02) * 200)
+    cm = torch.zeros(10, 10, dtype=torch.int64)
+    for i in range(200):
+        k = i % 10
+        cm[k, k if i < correct else (k + 1) % 10] += 1
+    small = classifier.evaluation_answer(cm)
+    assert small["n"] == 200 and small["accuracy"] == pytest.approx(correct / 200)
+    assert small["consistent_with_offline"] is True and small["consistency_test"]["p_value"] > 0.05
