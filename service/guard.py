@@ -132,6 +132,27 @@ async def _documented_spec(app, scope, receive, send) -> None:
     await _answer(send, 200, document_errors(json.loads(body)))
 
 
+EXPECTED = {
+    "/predict": '{"images": [H x W lists of pixel values 0..255 (shape in /model_info), ...], "top_k": 1..10 (optional)}',
+    "/evaluate": '{"images": [H x W lists of pixel values 0..255 (shape in /model_info), ...], "labels": [integer class index per image]}',
+    "/model_info": "an empty body",
+}
+
+
+def _explain_validation(path: str, body: bytes) -> bytes:
+    """BentoML answers pydantic's errors as {"error": "1 validation error for Input", "detail": [...]}:
+    put what was wrong, where, and what is expected into `error` (`detail` stays as it was)."""
+    try:
+        answer = json.loads(body)
+        problems = [f"{'.'.join(map(str, d.get('loc') or [])) or 'body'}: {d.get('msg', '?')}" for d in answer["detail"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body
+    expected = EXPECTED.get(path, "see /docs.json for the request schema")
+    answer["error"] = f"invalid request ({'; '.join(problems)}); expected {expected}"
+    answer["reason"] = "validation"
+    return json.dumps(answer).encode()
+
+
 class Guard:
     def __init__(self, app):
         self.app = app
@@ -199,12 +220,27 @@ class Guard:
             async def receive():  # noqa: F811 - hand the buffered body on
                 return replay.pop() if replay else {"type": "http.disconnect"}
 
+        held: dict = {}  # BentoML's own 400 (pydantic validation), held back to make its message say what is wrong
+
         async def counting_send(message):
             if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
                 hdrs = dict(message.get("headers", []))
                 reason = hdrs.get(b"x-imgclf-reason", b"").decode() or (
                     "validation" if message["status"] == 400 else f"http_{message['status']}")
                 metrics.get().rejected.labels(path, reason).inc()
+                if reason == "validation":
+                    held.update(start=message, body=b"")
+                    return
+            elif held and message["type"] == "http.response.body":
+                held["body"] += message.get("body", b"")
+                if message.get("more_body", False):
+                    return
+                body = _explain_validation(path, held["body"])
+                start = {**held["start"], "headers": [(k, str(len(body)).encode() if k == b"content-length" else v)
+                                                      for k, v in held["start"].get("headers", [])]}
+                held.clear()
+                await send(start)
+                return await send({"type": "http.response.body", "body": body})
             await send(message)
 
         if fast:
