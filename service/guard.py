@@ -132,9 +132,10 @@ async def _documented_spec(app, scope, receive, send) -> None:
     await _answer(send, 200, document_errors(json.loads(body)))
 
 
+_IMAGES = '"images": [H x W lists of pixel values 0..255 (the shape is in /model_info), ...]'
 EXPECTED = {
-    "/predict": '{"images": [H x W lists of pixel values 0..255 (shape in /model_info), ...], "top_k": 1..10 (optional)}',
-    "/evaluate": '{"images": [H x W lists of pixel values 0..255 (shape in /model_info), ...], "labels": [integer class index per image]}',
+    "/predict": "{" + _IMAGES + ', "top_k": 1..10 (optional)}',
+    "/evaluate": "{" + _IMAGES + ', "labels": [an integer class index per image]}',
     "/model_info": "an empty body",
 }
 
@@ -144,7 +145,8 @@ def _explain_validation(path: str, body: bytes) -> bytes:
     put what was wrong, where, and what is expected into `error` (`detail` stays as it was)."""
     try:
         answer = json.loads(body)
-        problems = [f"{'.'.join(map(str, d.get('loc') or [])) or 'body'}: {d.get('msg', '?')}" for d in answer["detail"]]
+        problems = [f"{'.'.join(map(str, d.get('loc') or [])) or 'body'}: {d.get('msg', '?')}"
+                    for d in answer["detail"]]
     except (ValueError, KeyError, TypeError, AttributeError):
         return body
     expected = EXPECTED.get(path, "see /docs.json for the request schema")
