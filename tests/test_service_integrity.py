@@ -1,0 +1,95 @@
+"""A version that is not exactly what training wrote is never served: a flipped byte in the weights,
+a missing file, a MODEL_VERSION that reaches outside ARTIFACTS_DIR. The server stays up (/livez 200),
+/readyz and the endpoints answer 503 with the reason, and the log says why."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+
+pytestmark = pytest.mark.slow
+
+IMG = [[0] * 28 for _ in range(28)]
+
+
+def refused(env: dict, needle: str, timeout: float = 60) -> tuple[Server, httpx.Response]:
+    """Start a server of a bad version; wait until /readyz answers with `needle` in its reason."""
+    s = Server(env)
+    deadline, r = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        assert s.proc.poll() is None, s.log()[-3000:]
+        try:
+            r = httpx.get(s.url + "/readyz", timeout=5)
+            if needle in r.text:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return s, r
+
+
+def copy_version(lenet_version, tmp_path_factory):
+    root, name, version, _ = lenet_version
+    bad_root = tmp_path_factory.mktemp("tampered")
+    shutil.copytree(root / name / version, bad_root / name / version)
+    return bad_root, bad_root / name / version
+
+
+def assert_never_served(s: Server, r: httpx.Response | None, *phrases: str) -> None:
+    assert r is not None and r.status_code == 503, r and r.text
+    error = r.json()["error"]
+    assert error.startswith("not ready: ") and all(p in error for p in phrases), error
+    for route, kw in (("/predict", {"json": {"images": [IMG]}}),
+                      ("/evaluate", {"json": {"images": [IMG], "labels": [0]}}),
+                      ("/model_info", {})):
+        p = httpx.post(s.url + route, timeout=30, **kw)
+        assert p.status_code == 503 and all(ph in p.json()["error"] for ph in phrases), (route, p.text)
+    assert httpx.get(s.url + "/livez", timeout=5).status_code == 200  # up, only not ready
+    time.sleep(3)
+    assert httpx.get(s.url + "/readyz", timeout=5).status_code == 503  # still refused, never ready
+    log = s.log()
+    assert "NOT READY" in log and all(p in log for p in phrases), log[-3000:]
+
+
+def test_flipped_byte_in_the_weights_never_becomes_ready(lenet_version, tmp_path_factory):
+    _, name, version, manifest = lenet_version
+    bad_root, folder = copy_version(lenet_version, tmp_path_factory)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    import hashlib
+
+    actual = hashlib.sha256(bytes(data)).hexdigest()
+    s, r = refused({"ARTIFACTS_DIR": str(bad_root), "MODEL_NAME": name, "MODEL_VERSION": version}, "sha256")
+    try:
+        assert_never_served(s, r, str(weights), manifest["weights_sha256"], actual)
+    finally:
+        s.stop()
+
+
+def test_missing_weights_file_never_becomes_ready(lenet_version, tmp_path_factory):
+    _, name, version, _ = lenet_version
+    bad_root, folder = copy_version(lenet_version, tmp_path_factory)
+    (folder / "model.safetensors").unlink()
+    s, r = refused({"ARTIFACTS_DIR": str(bad_root), "MODEL_NAME": name, "MODEL_VERSION": version},
+                   "model.safetensors")
+    try:
+        assert_never_served(s, r, "model.safetensors", version)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("bad", ["../x", "../../etc", "/etc"])
+def test_path_traversal_in_model_version_is_refused(lenet_version, bad):
+    root, name, _, _ = lenet_version
+    s, r = refused({"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": bad}, "refused")
+    try:
+        assert_never_served(s, r, "invalid version", repr(bad))
+    finally:
+        s.stop()
