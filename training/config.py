@@ -85,6 +85,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+SMOOTHABLE = ("cross_entropy", "weighted_cross_entropy")  # the losses that take label_smoothing
+
+
 def make_config(**overrides) -> TrainConfig:
     """Defaults, then the model's preset, then the caller's overrides (None means 'not given')."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -93,7 +96,10 @@ def make_config(**overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     model = given.get("model", TrainConfig.model)
-    cfg = TrainConfig(**{**PRESETS.get(model, {}), **given})
+    merged = {**PRESETS.get(model, {}), **given}
+    if "label_smoothing" not in given and merged.get("loss", TrainConfig.loss) not in SMOOTHABLE:
+        merged.pop("label_smoothing", None)  # a preset's smoothing is for cross-entropy; other losses take none
+    cfg = TrainConfig(**merged)
     check_names(cfg)
     return cfg
 
