@@ -227,7 +227,7 @@ def decode_image_file(data: bytes, spec: dict) -> np.ndarray:
                 raise InputError(f"the image is {img.width}x{img.height}; the limit is 4096x4096 pixels", "too_big", 413)
             img = img.convert("L" if spec["channels"] == 1 else "RGB").resize((spec["width"], spec["height"]),
                                                                                Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:

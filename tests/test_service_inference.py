@@ -304,3 +304,10 @@ def test_consistency_with_the_offline_test_set(classifier, lenet_version):
     small = classifier.evaluation_answer(cm)
     assert small["n"] == 200 and small["accuracy"] == pytest.approx(correct / 200)
     assert small["consistent_with_offline"] is True and small["consistency_test"]["p_value"] > 0.05
+
+
+def test_decoded_image_files_are_writable_for_torch(classifier):
+    """PIL's buffer is read-only and torch.from_numpy warns on it (a UserWarning in the server log)."""
+    x = decode_image_file(png(np.zeros((28, 28), np.uint8)), SPEC)
+    assert x.flags.writeable
+    assert len(classifier.predict(x)) == 1  # no warning (pytest turns warnings into errors)
