@@ -93,3 +93,20 @@ def test_path_traversal_in_model_version_is_refused(lenet_version, bad):
         assert_never_served(s, r, "invalid version", repr(bad))
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"MODEL_VERSION": "20000101-000000-00000000"}, "no version"),  # unknown version
+    ({"DEVICE": "cuda"}, "CUDA"),                                    # asked for a GPU that is not there
+])
+def test_a_version_that_cannot_load_answers_503_with_the_reason(lenet_version, env, words):
+    import torch
+
+    if env.get("DEVICE") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: DEVICE=cuda loads")
+    root, name, version, _ = lenet_version
+    s, r = refused({"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": version, **env}, "refused")
+    try:
+        assert_never_served(s, r, words)
+    finally:
+        s.stop()
