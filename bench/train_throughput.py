@@ -1,11 +1,13 @@
 """Training images/s: the project's loop against the tutorial-style loop, same LeNet, same run.
 
-    python -m bench.train_throughput [--rounds 5] [--batches-4 400] [--batches-64 150] [--quick]
+    python -m bench.train_throughput [--rounds 5] [--batches-4 400] [--batches-64 150] [--batches-128 80] [--quick]
 
 project   training.engine.train_one_epoch on in-memory uint8 tensors: each batch is one slice,
           scaled and normalised as a whole
 tutorial  a torchvision.datasets-style Dataset (PIL image per sample, then ToTensor + Normalize)
           through a DataLoader (shuffle, num_workers=0), the loop of the PyTorch tutorials
+model     the ceiling: forward, backward and SGD step alone on ready, normalised float batches (no data
+          work at all); no training loop can beat it, so model / tutorial bounds the possible ratio
 
 Both train the same LeNet with the same SGD for a fixed number of batches per measurement.
 Rounds interleave the loops and batch sizes (the order alternates each round), so a burst of load
@@ -34,7 +36,7 @@ from training.data import channel_stats, load_dataset
 from training.engine import Batches, train_one_epoch
 
 RESULTS = Path(__file__).parent / "results"
-BATCH_SIZES = (4, 64)
+BATCH_SIZES = (4, 64, 128)  # 4 and 64: the tutorial's; 128: the lenet preset's batch
 
 
 class TutorialDataset(torch.utils.data.Dataset):
@@ -87,7 +89,22 @@ def project_loop(images, labels, mean, std, batch_size: int, batches: int, seed:
     return out["images_per_s"]
 
 
-LOOPS = {"project": project_loop, "tutorial": tutorial_loop}
+def model_only(images, labels, mean, std, batch_size: int, batches: int, seed: int) -> float:
+    """Images/s of the bare step on pre-normalised batches in order: the compute ceiling of any loop."""
+    n = batch_size * batches
+    x = (images[:n].float() / 255 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    y = labels[:n]
+    model, opt, crit = _model_and_optimizer(seed)
+    model.train()
+    start = time.perf_counter()
+    for i in range(0, n, batch_size):
+        opt.zero_grad(set_to_none=True)
+        crit(model(x[i:i + batch_size]), y[i:i + batch_size]).backward()
+        opt.step()
+    return n / (time.perf_counter() - start)
+
+
+LOOPS = {"project": project_loop, "tutorial": tutorial_loop, "model": model_only}
 
 
 def _machine() -> dict:
@@ -122,9 +139,11 @@ def run(rounds: int, batches: dict[int, int], seed: int = 0, log=print) -> dict:
     rows = []
     for bs in batches:
         p, t = statistics.median(samples["project"][bs]), statistics.median(samples["tutorial"][bs])
+        c = statistics.median(samples["model"][bs])
         rows.append({"batch_size": bs, "batches_per_measurement": batches[bs],
                      "project_images_per_s": round(p, 1), "tutorial_images_per_s": round(t, 1),
-                     "ratio": round(p / t, 2),
+                     "model_only_images_per_s": round(c, 1), "ratio": round(p / t, 2),
+                     "ceiling_ratio": round(c / t, 2),
                      "project_samples": [round(v, 1) for v in samples["project"][bs]],
                      "tutorial_samples": [round(v, 1) for v in samples["tutorial"][bs]]})
     return {"benchmark": "train_throughput", "model": "lenet", "dataset": ds.name, "rounds": rounds,
@@ -136,10 +155,11 @@ def run(rounds: int, batches: dict[int, int], seed: int = 0, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| batch | project loop (img/s) | tutorial loop (img/s) | ratio |", "|---|---|---|---|"]
+    lines = ["| batch | project loop (img/s) | tutorial loop (img/s) | ratio | model step alone (img/s) "
+             "| ceiling ratio |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['batch_size']} | {r['project_images_per_s']:,.0f} | {r['tutorial_images_per_s']:,.0f} "
-                     f"| {r['ratio']:.2f}x |")
+                     f"| {r['ratio']:.2f}x | {r['model_only_images_per_s']:,.0f} | {r['ceiling_ratio']:.2f}x |")
     m = result["machine"]
     lines.append(f"\nLeNet, Fashion-MNIST, median of {result['rounds']} interleaved rounds; {m['cpu']}, "
                  f"{m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); load average before "
@@ -153,10 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported (default 5)")
     p.add_argument("--batches-4", type=int, default=400, help="batches per measurement at batch 4 (default 400)")
     p.add_argument("--batches-64", type=int, default=150, help="batches per measurement at batch 64 (default 150)")
+    p.add_argument("--batches-128", type=int, default=80, help="batches per measurement at batch 128 (default 80)")
     p.add_argument("--quick", action="store_true", help="1 round of 20 batches: a smoke test, not a measurement")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results (default bench/results)")
     a = p.parse_args(argv)
-    rounds, batches = (1, {4: 20, 64: 20}) if a.quick else (a.rounds, {4: a.batches_4, 64: a.batches_64})
+    rounds, batches = ((1, {4: 20, 64: 20, 128: 20}) if a.quick
+                       else (a.rounds, {4: a.batches_4, 64: a.batches_64, 128: a.batches_128}))
     if rounds < 1 or min(batches.values()) < 1:
         p.error("--rounds and --batches-* must be at least 1")
     result = run(rounds, batches)
