@@ -11,10 +11,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class LeNet(nn.Module):
-    """LeNet-5 as in the seed tutorial; 28x28 inputs get padding 2 so the first conv sees 32x32."""
+def _nhwc(module: nn.Module, on: bool) -> bool:
+    """Put the conv weights in channels_last when `on` (else oneDNN reorders them every call)."""
+    if on:
+        module.to(memory_format=torch.channels_last)
+    return on
 
-    def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
+
+class LeNet(nn.Module):
+    """LeNet-5 as in the seed tutorial; 28x28 inputs get padding 2 so the first conv sees 32x32.
+
+    channels_last: as for CNN below, a layout switch that leaves the weights and what they compute
+    unchanged (the lenet preset sets it: measured faster, see docs/training-results.md).
+    """
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int, channels_last: bool = False):
         super().__init__()
         self.pad = 2 if min(height, width) < 32 else 0
         self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=self.pad)
@@ -24,8 +35,11 @@ class LeNet(nn.Module):
         self.fc1 = nn.Linear(16 * h * w, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
+        self.channels_last = _nhwc(self, channels_last)
 
     def forward(self, x):  # (B, C, H, W) -> (B, K)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 6, 14, 14) for 28x28
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 16, 5, 5)
         x = torch.flatten(x, 1)
@@ -62,9 +76,7 @@ class CNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(cin, num_classes)
-        self.channels_last, self.train_bf16 = channels_last, train_bf16
-        if channels_last:
-            self.to(memory_format=torch.channels_last)  # weights too, or oneDNN reorders them every call
+        self.channels_last, self.train_bf16 = _nhwc(self, channels_last), train_bf16
 
     def forward(self, x):  # (B, C, H, W) -> (B, K)
         if self.channels_last:

@@ -46,6 +46,26 @@ def test_manifest_kwargs_rebuild_the_same_architecture():
     assert b.gru.hidden_size == 24 and b.gru.input_size == 28
 
 
+@pytest.mark.parametrize("name", ["lenet", "cnn"])
+def test_channels_last_is_a_layout_only(name):
+    # the presets switch it on: the same seed must give the same weights, the same saved tensors
+    # and the same logits (up to float rounding of a different kernel) as the plain layout
+    torch.manual_seed(0)
+    plain = build_model(name, 1, 28, 28, 10).eval()
+    torch.manual_seed(0)
+    nhwc = build_model(name, 1, 28, 28, 10, channels_last=True).eval()
+    conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for (k, a), (k2, b) in zip(plain.state_dict().items(), nhwc.state_dict().items()):
+        assert k == k2 and torch.equal(a, b.contiguous())
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-4, atol=1e-5)
+    nhwc.train()
+    nhwc(x).sum().backward()  # trains in that layout too
+    assert all(p.grad is not None for p in nhwc.parameters())
+
+
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown model 'resnet'.*cnn, gru, lenet, mlp"):
         build_model("resnet", 1, 28, 28, 10)

@@ -72,12 +72,14 @@ class TrainConfig:
 # cnn: a narrow (16, 32, 64) net in channels_last with bfloat16 autocast while training (about 3x the
 # images/s of the float32 (32, 64, 128) net on this AMX CPU), label smoothing, and test-time flip
 # averaging, which the service repeats (it is in the manifest). Flip averaging only where training saw
-# flips: lenet trains without augmentation, and averaging cost it 4 points of accuracy.
+# flips: lenet trains without augmentation, and averaging cost it 4 points of accuracy. lenet runs in
+# channels_last (the whole preset run about 16% faster; torch.compile was measured slower: 2x fewer
+# images/s after 39 s of compiling).
 PRESETS: dict[str, dict] = {
     "cnn": {"model_kwargs": {"widths": [16, 32, 64], "channels_last": True, "train_bf16": True},
             "label_smoothing": 0.1, "tta_flip": True},
-    "lenet": {"epochs": 8, "batch_size": 128, "optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0,
-              "augment": False, "label_smoothing": 0.1},
+    "lenet": {"model_kwargs": {"channels_last": True}, "epochs": 8, "batch_size": 128, "optimizer": "adam",
+              "lr": 3e-3, "weight_decay": 0.0, "augment": False, "label_smoothing": 0.1},
     "gru": {"epochs": 8, "batch_size": 128, "optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0,
             "augment": False},
     "mlp": {"epochs": 10, "batch_size": 256, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0,
