@@ -112,7 +112,7 @@ export AUDIT_PY
 audit: setup
 	@$(PY) -c "$$AUDIT_PY"
 
-# The 3-seed results table pasted in docs/training-results.md (about 15 to 20 minutes on 2 cores).
+# The 3-seed results table pasted in README.md and docs/training-results.md (about 20 minutes on 2 cores).
 .PHONY: results
 results: setup data
 	$(PY) -m bench.results_table
