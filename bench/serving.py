@@ -180,10 +180,9 @@ def wait_ready(url: str, body: Path, proc: subprocess.Popen, timeout: float = 18
 
 def _evaluate_run(base: str, ds, rnd: int, warm: int = 4, timed: int = 5) -> list[dict]:
     """/evaluate_npz images/s in steady state: the median of `timed` requests after `warm` untimed
-    ones. A worker's first large upload can run at about half speed (one-time work in the upload path,
-    not in the model: in-process, the first evaluate is as fast as the fifth), and requests spread
-    over the workers, so without warm-up the median of a few would measure start-up, while the
-    in-process figure it is compared with is a warm one. The warm-up rates are kept in the JSON."""
+    ones, all through one HTTP client. (A new client per request, as `httpx.post` makes, spends about
+    0.1 s building its SSL context inside every timing; and a round's first requests, on freshly
+    started workers, are often slower.) The warm-up rates are kept in the JSON."""
     buf = io.BytesIO()
     np.savez(buf, images=ds.test_x[:, 0].numpy(), labels=ds.test_y.numpy().astype(np.int64))
     payload = buf.getvalue()
