@@ -64,9 +64,9 @@ def main() -> None:
     from service.inference import Classifier
     clf = Classifier(gpu, torch.device("cuda"))
     served = clf.evaluate(ds.test_x.numpy(), ds.test_y.numpy())
-    summary = {"gpu": torch.cuda.get_device_name(0),
+    summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "train_seconds": round(train_s, 1),
                "service_classifier_cuda_accuracy": served["accuracy"],
-               "service_matches_manifest": served["accuracy"] == m["test_accuracy"], "torch": torch.__version__, "train_seconds": round(train_s, 1),
+               "service_matches_manifest": served["accuracy"] == m["test_accuracy"],
                "manifest_device": m["device"], "manifest_test_accuracy": m["test_accuracy"],
                "reloaded_gpu_accuracy": acc_gpu, "gpu_cpu_argmax_agreement": agree,
                "max_abs_prob_diff": float((p_gpu - p_cpu).abs().max()),

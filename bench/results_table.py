@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.train_throughput import _machine
+from bench.train_throughput import conditions, load_text
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,8 +69,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} (published) | | | | {acc} | |")
     m = result["machine"]
     lines.append(f"\nMeasured {result['created_at']} on {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
-                 f"seeds {', '.join(map(str, result['seeds']))}; load average before {result['loadavg_before'][0]}, "
-                 f"after {result['loadavg_after'][0]}; wall = the whole `python -m training train` command.")
+                 f"seeds {', '.join(map(str, result['seeds']))}; {load_text(result)}; "
+                 "wall = the whole `python -m training train` command.")
     return "\n".join(lines)
 
 
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "wall_mean": round(statistics.mean(r["wall_seconds"] for r in rs), 1),
                         "wall_max": max(r["wall_seconds"] for r in rs)})
     result = {"benchmark": "results_table", "seeds": a.seeds, "extra": a.extra, "runs": runs, "summary": summary,
-              "published": PUBLISHED, "machine": _machine(), "loadavg_before": [round(v, 2) for v in load_before],
-              "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "published": PUBLISHED, **conditions(load_before)}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results_table.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

@@ -120,6 +120,18 @@ def _machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
 
 
+def conditions(load_before: tuple[float, float, float]) -> dict:
+    """Where and when a measurement ran: the machine, the load average before (taken by the caller
+    at the start) and now, and the UTC time. Shared by the training benchmarks' JSON."""
+    return {"loadavg_before": [round(v, 2) for v in load_before],
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            "machine": _machine(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def load_text(result: dict) -> str:
+    return f"load average before {result['loadavg_before'][0]}, after {result['loadavg_after'][0]}"
+
+
 def run(rounds: int, batches: dict[int, int], seed: int = 0, log=print) -> dict:
     ds = load_dataset("fashion_mnist")
     need = max(bs * n for bs, n in batches.items())
@@ -152,9 +164,7 @@ def run(rounds: int, batches: dict[int, int], seed: int = 0, log=print) -> dict:
     return {"benchmark": "train_throughput", "model": "lenet", "dataset": ds.name, "rounds": rounds,
             "statistic": "median over interleaved rounds", "rows": rows,
             "seconds": round(time.perf_counter() - started, 1),
-            "loadavg_before": [round(v, 2) for v in load_before],
-            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-            "machine": _machine(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            **conditions(load_before)}
 
 
 def table(result: dict) -> str:
@@ -165,8 +175,8 @@ def table(result: dict) -> str:
                      f"| {r['ratio']:.2f}x | {r['model_only_images_per_s']:,.0f} | {r['ceiling_ratio']:.2f}x |")
     m = result["machine"]
     lines.append(f"\nLeNet, Fashion-MNIST, median of {result['rounds']} interleaved rounds; {m['cpu']}, "
-                 f"{m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); load average before "
-                 f"{result['loadavg_before'][0]}, after {result['loadavg_after'][0]}; {result['created_at']}")
+                 f"{m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); {load_text(result)}; "
+                 f"{result['created_at']}")
     return "\n".join(lines)
 
 

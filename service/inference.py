@@ -11,6 +11,7 @@ import io
 import math
 import os
 import zipfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
@@ -262,6 +263,10 @@ class Classifier:
         self.spec: dict = m["input"]
         self.tta: bool = m["model"].get("tta_flip", False)
 
+    def warm_up(self) -> None:
+        """One small pass before the first request (or before a reloaded version is swapped in)."""
+        self.predict(np.zeros((2, self.spec["channels"], self.spec["height"], self.spec["width"]), np.uint8))
+
     def probabilities(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
         """uint8 (N, C, H, W) -> softmax probabilities (N, K) on the CPU.
 
@@ -338,7 +343,7 @@ class Batcher:
 
     def __init__(self, classifier: Classifier, max_batch: int = 256):
         self.classifier, self.max_batch = classifier, max_batch
-        self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self.draining = False
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-infer")
 
@@ -357,7 +362,7 @@ class Batcher:
             while self.pending:
                 take, n = [], 0
                 while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
-                    item = self.pending.pop(0)
+                    item = self.pending.popleft()
                     take.append(item)
                     n += len(item[0])
                 x = take[0][0] if len(take) == 1 else np.concatenate([images for images, _ in take])

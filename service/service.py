@@ -159,10 +159,8 @@ class ImageClassifier:
         self.model = Classifier(loaded, device)
         self.batchers = {self.model.version: Batcher(self.model)}  # adaptive batching of /predict
         self.metrics = metrics.get()
-        self.metrics.offline_accuracy.labels(self.model.version).set(loaded.manifest["test_accuracy"])
-        self.metrics.model_info.labels(name, self.model.version).set(1)
-        spec = self.model.spec
-        self.model.predict(np.zeros((2, spec["channels"], spec["height"], spec["width"]), np.uint8))  # warm-up
+        self._announce(name, self.model)
+        self.model.warm_up()
         # The model and the framework are loaded for good: move them out of the collector's reach,
         # so full collections stop scanning them (they caused 100+ ms pauses; see README).
         gc.collect()
@@ -194,8 +192,7 @@ class ImageClassifier:
                 continue
             try:
                 new = Classifier(artifacts.load(root, name, target, device=self.model.device), self.model.device)
-                spec = new.spec
-                new.predict(np.zeros((2, spec["channels"], spec["height"], spec["width"]), np.uint8))
+                new.warm_up()
             except Exception as e:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
                 failed = target
                 STATE.reload_error = f"promoted version {name}/{target} refused, still serving {self.model.version}: {e}"
@@ -206,14 +203,19 @@ class ImageClassifier:
             # requests that took the old model finish on its batcher; it is dropped after a grace period
             threading.Timer(60, self.batchers.pop, args=(old.version, None)).start()
             failed, STATE.reload_error = None, None
-            self.metrics.offline_accuracy.labels(new.version).set(new.loaded.manifest["test_accuracy"])
-            self.metrics.model_info.labels(name, new.version).set(1)
-            self.metrics.model_info.labels(name, old.version).set(0)
+            self._announce(name, new, old)
             gc.collect()
             gc.freeze()
             log.info("reloaded: now serving %s/%s (was %s)", name, new.version, old.version)
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _announce(self, name: str, model: Classifier, old: Classifier | None = None) -> None:
+        """The served version's metrics: its offline accuracy, and imgclf_model_info 1 (0 for `old`)."""
+        self.metrics.offline_accuracy.labels(model.version).set(model.loaded.manifest["test_accuracy"])
+        self.metrics.model_info.labels(name, model.version).set(1)
+        if old is not None:
+            self.metrics.model_info.labels(name, old.version).set(0)
 
     def _refuse(self, model: Classifier, e: InputError) -> JSONResponse:
         return JSONResponse({"error": str(e), "reason": e.reason, "model_version": model.version},

@@ -85,6 +85,18 @@ class Server:
             time.sleep(0.3)
         raise TimeoutError(f"not ready after {timeout} s:\n{self.log()[-3000:]}")
 
+    def __enter__(self) -> "Server":
+        """`with Server(env) as s:` - ready inside the block, stopped after it (also when start-up fails)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         import signal
         import subprocess
@@ -106,12 +118,8 @@ def lenet_env(lenet_version) -> dict:
 @pytest.fixture(scope="session")
 def lenet_server(lenet_version):
     """One real server of the LeNet version for the HTTP contract tests (1 worker)."""
-    server = Server(lenet_env(lenet_version))
-    try:
-        server.wait_ready()
+    with Server(lenet_env(lenet_version)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -55,9 +55,8 @@ def test_bento_serves_its_own_version_from_another_folder(bento, fashion, tmp_pa
     elsewhere.mkdir()
     server_env = {**env, "ARTIFACTS_DIR": str(elsewhere / "no-artifacts-here"), "MODEL_NAME": "cnn",
                   "MODEL_VERSION": "", "PYTHONPATH": ""}
-    server = Server(server_env, cmd=[str(Path(sys.executable).with_name("bentoml")), "serve", tag], cwd=elsewhere)
-    try:
-        server.wait_ready()
+    with Server(server_env, cmd=[str(Path(sys.executable).with_name("bentoml")), "serve", tag],
+                cwd=elsewhere) as server:
         x, y = fashion.test_x[:500], fashion.test_y[:500]
         buf = io.BytesIO()
         np.savez(buf, images=x[:, 0].numpy(), labels=y.numpy())
@@ -70,8 +69,6 @@ def test_bento_serves_its_own_version_from_another_folder(bento, fashion, tmp_pa
             pred = forward_logits(loaded.model, preprocess(x, loaded.manifest["input"])).argmax(1)
         assert got["n"] == 500
         assert got["accuracy"] == int((pred == y).sum()) / 500
-    finally:
-        server.stop()
 
 
 def test_containerize_says_plainly_when_no_engine_answers(bento):

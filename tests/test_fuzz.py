@@ -23,12 +23,8 @@ REFUSALS = {"400", "413", "415", "429", "503"}
 
 @pytest.fixture(scope="module")
 def fuzz_server(lenet_version):
-    server = Server(lenet_env(lenet_version))
-    try:
-        server.wait_ready()
+    with Server(lenet_env(lenet_version)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

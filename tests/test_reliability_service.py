@@ -192,9 +192,7 @@ def needs_wrk():
 
 
 def test_60s_at_64_connections_answers_only_2xx_and_memory_returns_near_its_start(lenet_version, tmp_path, needs_wrk):
-    s = Server(lenet_env(lenet_version), workers=1)
-    _started(s)
-    try:
+    with Server(lenet_env(lenet_version), workers=1) as s:
         warm = wrk(s.url + "/predict", 64, 5, tmp_path)
         assert warm["non_2xx"] == 0, warm["text"]
         rss_before = worker_rss(s)
@@ -208,22 +206,18 @@ def test_60s_at_64_connections_answers_only_2xx_and_memory_returns_near_its_star
         assert r["socket_errors"] == (0, 0, 0, 0), r["text"]
         assert rss_after <= max(rss_before * 1.2, rss_before + 50 * 2**20), (rss_before, rss_after)
         _recovers(s, within=3)
-    finally:
-        s.stop()
 
 
 def test_overload_answers_only_200_429_or_503_and_recovers(lenet_version, tmp_path, needs_wrk):
-    s = Server({**lenet_env(lenet_version), "MAX_CONCURRENCY": "8"}, workers=1)
-    _started(s)
-    sampled: Counter = Counter()
-    stop = threading.Event()
+    with Server({**lenet_env(lenet_version), "MAX_CONCURRENCY": "8"}, workers=1) as s:
+        sampled: Counter = Counter()
+        stop = threading.Event()
 
-    def sample():  # a second client beside wrk, reading every status code itself
-        with httpx.Client(timeout=15) as c:
-            while not stop.is_set():
-                sampled[c.post(s.url + "/predict", json=ONE).status_code] += 1
+        def sample():  # a second client beside wrk, reading every status code itself
+            with httpx.Client(timeout=15) as c:
+                while not stop.is_set():
+                    sampled[c.post(s.url + "/predict", json=ONE).status_code] += 1
 
-    try:
         samplers = [threading.Thread(target=sample) for _ in range(4)]
         for t in samplers:
             t.start()
@@ -242,8 +236,6 @@ def test_overload_answers_only_200_429_or_503_and_recovers(lenet_version, tmp_pa
         assert r["statuses"][200] > 0
         took = _recovers(s, within=5)
         print(f"recovered: /predict 200 after {took:.2f} s")
-    finally:
-        s.stop()
 
 
 # ------------------------------------------------------------------------------------------
@@ -357,25 +349,23 @@ def _connect_refused(port: int) -> bool:
 def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_connections(lenet_version):
     import io
 
-    s = Server(lenet_env(lenet_version), workers=1)
-    _started(s)
-    n = 80_000  # ~63 MB of pixels, under MAX_BODY_MB=64: seconds of work on 2 cores
-    rng = np.random.default_rng(5)
-    buf = io.BytesIO()
-    np.savez(buf, images=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), labels=rng.integers(0, 10, n))
-    payload = buf.getvalue()
-    result: dict = {}
+    with Server(lenet_env(lenet_version), workers=1) as s:
+        n = 80_000  # ~63 MB of pixels, under MAX_BODY_MB=64: seconds of work on 2 cores
+        rng = np.random.default_rng(5)
+        buf = io.BytesIO()
+        np.savez(buf, images=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), labels=rng.integers(0, 10, n))
+        payload = buf.getvalue()
+        result: dict = {}
 
-    def evaluate():
-        try:
-            r = httpx.post(s.url + "/evaluate_npz", files={"file": ("big.npz", payload, "application/octet-stream")},
-                           timeout=120)
-            result["status"], result["body"] = r.status_code, r.json()
-        except BaseException as e:  # noqa: BLE001
-            result["error"] = e
-        result["done_at"] = time.monotonic()
+        def evaluate():
+            try:
+                r = httpx.post(s.url + "/evaluate_npz", timeout=120,
+                               files={"file": ("big.npz", payload, "application/octet-stream")})
+                result["status"], result["body"] = r.status_code, r.json()
+            except BaseException as e:  # noqa: BLE001
+                result["error"] = e
+            result["done_at"] = time.monotonic()
 
-    try:
         t = threading.Thread(target=evaluate)
         t.start()
         time.sleep(1.5)
@@ -398,8 +388,6 @@ def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_connections(l
         s.proc.wait(30)
         print(f"\nshutdown: request finished {result['done_at'] - sigterm_at:.2f} s after SIGTERM with 200; "
               f"new connections refused while it ran: {refused_while_in_flight}")
-    finally:
-        s.stop()
 
 
 # ------------------------------------------------------------------------------------------

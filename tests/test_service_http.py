@@ -258,9 +258,7 @@ def test_malformed_corpus_is_refused_and_the_server_keeps_serving(server):
 
 def test_body_over_the_size_limit_is_413(lenet_version):
     """MAX_BODY_MB=0.01 (10 KiB): a larger body is refused whether it says its length or is sent in chunks."""
-    s = Server({**lenet_env(lenet_version), "MAX_BODY_MB": "0.01"})
-    try:
-        s.wait_ready()
+    with Server({**lenet_env(lenet_version), "MAX_BODY_MB": "0.01"}) as s:
         big = {"images": [IMG] * 10}  # ~16 KB of JSON
         r = post(s, "/predict", json=big)
         assert r.status_code == 413, r.text
@@ -280,8 +278,6 @@ def test_body_over_the_size_limit_is_413(lenet_version):
         assert httpx.get(s.url + "/readyz").status_code == 200
         r = post(s, "/predict", json={"images": [IMG]})
         assert r.status_code == 200 and r.json()["predictions"]
-    finally:
-        s.stop()
 
 
 def test_refusals_name_their_reason_and_version(server, lenet_version):

@@ -33,13 +33,9 @@ def post(server, path, **kw) -> httpx.Response:
 @pytest.fixture(scope="module")
 def two_workers(lenet_version, tmp_path_factory):
     home = tmp_path_factory.mktemp("bentoml-home")  # its own: `bentoml serve` empties the metrics folder there
-    s = Server({**lenet_env(lenet_version), "BENTOML_HOME": str(home)}, workers=2)
-    s.home = home
-    try:
-        s.wait_ready()
+    with Server({**lenet_env(lenet_version), "BENTOML_HOME": str(home)}, workers=2) as s:
+        s.home = home
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
