@@ -19,13 +19,13 @@ from core.models import forward_logits, preprocess
 torch.set_num_threads(1)
 _m = load(os.environ.get("ARTIFACTS_DIR", "artifacts"), os.environ.get("MODEL_NAME", "lenet"),
           os.environ.get("MODEL_VERSION") or None)
-_classes, _spec, _tta = _m.manifest["classes"], _m.manifest["input"], _m.manifest["model"].get("tta_flip", False)
+_classes, _spec, _tta = list(_m.manifest.classes), _m.manifest.input, _m.manifest.model.tta_flip
 
 
 async def predict(request: Request) -> JSONResponse:
     body = await request.json()
     x = torch.tensor(body["images"], dtype=torch.float32)  # (N, H, W)
-    x = preprocess(x.view(x.shape[0], _spec["channels"], _spec["height"], _spec["width"]), _spec)
+    x = preprocess(x.view(x.shape[0], *_spec.shape), _spec)
     with torch.inference_mode():
         probs = forward_logits(_m.model, x, _tta).softmax(1)
     p, idx = probs.max(1)

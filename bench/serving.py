@@ -88,8 +88,8 @@ def in_process_throughput(loaded, images: np.ndarray, repeats: int = 3) -> float
 
 
 def _in_process(loaded, images: np.ndarray, batch: int, repeats: int) -> float:
-    spec, tta = loaded.manifest["input"], loaded.manifest["model"].get("tta_flip", False)
-    x = torch.from_numpy(images).view(-1, spec["channels"], spec["height"], spec["width"])
+    spec, tta = loaded.manifest.input, loaded.manifest.model.tta_flip
+    x = torch.from_numpy(images).view(-1, *spec.shape)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

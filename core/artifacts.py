@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from core.manifest import Manifest, ManifestError
 from core.models import build_model
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 PROMOTED = "PROMOTED"
@@ -76,10 +76,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish(root: str | Path, name: str, state_dict: dict[str, torch.Tensor], manifest: dict,
+def publish(root: str | Path, name: str, state_dict: dict[str, torch.Tensor], manifest: Manifest,
             write_extras=None) -> Path:
     """Write a new version atomically and return its folder.
 
+    `manifest` is complete but for what only publishing knows (name, version, weights hash, files).
     `write_extras(folder, manifest)` may add human-facing files (pictures, report); they are hashed too.
     The version id is `<UTC time>-<first 8 hex of the weights hash>`, so ids sort by time.
     """
@@ -94,14 +95,13 @@ def publish(root: str | Path, name: str, state_dict: dict[str, torch.Tensor], ma
         (tmp / WEIGHTS).write_bytes(save(tensors))
         weights_sha = sha256_file(tmp / WEIGHTS)
         version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + weights_sha[:8]
-        manifest = dict(manifest, schema_version=SCHEMA_VERSION, name=name, version=version,
-                        weights_sha256=weights_sha)
+        manifest = manifest.replace(name=name, version=version, weights_sha256=weights_sha)
         if write_extras is not None:
             write_extras(tmp, manifest)
-        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
-                             for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = manifest.replace(files={p.relative_to(tmp).as_posix(): sha256_file(p)
+                                           for p in sorted(tmp.rglob("*")) if p.is_file()})
         with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2)
+            json.dump(manifest.to_dict(), f, indent=2)
             f.write("\n")
         for p in tmp.rglob("*"):
             if p.is_file():
@@ -186,19 +186,27 @@ def resolve(root: str | Path, name: str, version: str | None = None) -> Path:
     return Path(root) / name / version
 
 
-def verify(folder: Path) -> dict:
-    """Read the manifest and check every file it lists, and that nothing else sits beside them."""
+def read_manifest(folder: Path) -> Manifest:
+    """The typed manifest of a version folder, without checking the files (verify does)."""
     mf = folder / MANIFEST
     if not mf.is_file():
         raise IntegrityError(f"{mf} is missing")
     try:
-        manifest = json.loads(mf.read_text())
+        return Manifest.from_dict(json.loads(mf.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{mf} is not valid JSON: {e}") from None
-    files = manifest.get("files")
-    if not isinstance(files, dict) or WEIGHTS not in files:
+    except ManifestError as e:
+        raise IntegrityError(f"{mf} refused: {e}") from None
+
+
+def verify(folder: Path) -> Manifest:
+    """Read the manifest and check every file it lists, and that nothing else sits beside them."""
+    mf = folder / MANIFEST
+    manifest = read_manifest(folder)
+    files = manifest.files
+    if WEIGHTS not in files:
         raise IntegrityError(f"{mf} lists no files with hashes (or not {WEIGHTS})")
-    if files[WEIGHTS] != manifest.get("weights_sha256"):
+    if files[WEIGHTS] != manifest.weights_sha256:
         raise IntegrityError(f"{mf}: files[{WEIGHTS}] and weights_sha256 disagree")
     for rel, expected in files.items():
         p = folder / rel
@@ -219,21 +227,20 @@ def verify(folder: Path) -> dict:
 @dataclass
 class LoadedModel:
     folder: Path
-    manifest: dict
+    manifest: Manifest
     model: torch.nn.Module
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
 
 def load(root: str | Path, name: str, version: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Resolve, verify every hash, then build the architecture from the manifest and load the tensors."""
     folder = resolve(root, name, version)
     manifest = verify(folder)
-    spec, inp = manifest["model"], manifest["input"]
-    model = build_model(spec["arch"], inp["channels"], inp["height"], inp["width"], len(manifest["classes"]),
-                        **spec.get("kwargs", {}))
+    spec, inp = manifest.model, manifest.input
+    model = build_model(spec.arch, inp.channels, inp.height, inp.width, manifest.num_classes, **spec.kwargs)
     try:
         state = load_file(folder / WEIGHTS, device="cpu")  # safetensors: tensors only, no code runs
     except SafetensorError as e:
@@ -242,6 +249,6 @@ def load(root: str | Path, name: str, version: str | None = None, device: str | 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise IntegrityError(f"{folder / WEIGHTS} does not fit the manifest's model {spec['arch']!r}: {e}") from None
+        raise IntegrityError(f"{folder / WEIGHTS} does not fit the manifest's model {spec.arch!r}: {e}") from None
     model.to(device).eval()
     return LoadedModel(folder, manifest, model)

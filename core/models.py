@@ -144,11 +144,13 @@ def forward_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) ->
     return logits
 
 
-def preprocess(images: torch.Tensor, input_spec: dict) -> torch.Tensor:
-    """uint8-range pixels (N, C, H, W) -> the normalised float batch the model was trained on."""
-    mean = torch.tensor(input_spec["mean"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(input_spec["std"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / input_spec.get("scale", 255.0) - mean) / std
+def preprocess(images: torch.Tensor, input_spec) -> torch.Tensor:
+    """uint8-range pixels (N, C, H, W) -> the normalised float batch the model was trained on.
+
+    `input_spec` is the manifest's core.manifest.InputSpec (mean, std, scale)."""
+    mean = torch.tensor(input_spec.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(input_spec.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / input_spec.scale - mean) / std
 
 
 def pick_device(setting: str) -> torch.device:

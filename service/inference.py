@@ -21,6 +21,7 @@ import torch
 
 from core import metrics
 from core.artifacts import LoadedModel
+from core.manifest import InputSpec
 from core.models import forward_logits, preprocess
 
 
@@ -88,10 +89,9 @@ def _find_ragged(node, dims: tuple[int, ...], where: str, expected: str) -> None
         _find_ragged(child, dims[1:], f"{where}[{j}]", expected)
 
 
-def parse_images(value, spec: dict, max_images: int = MAX_IMAGES, field: str = "images") -> np.ndarray:
+def parse_images(value, spec: InputSpec, max_images: int = MAX_IMAGES, field: str = "images") -> np.ndarray:
     """JSON `images` -> uint8 array (N, C, H, W), or an InputError that says what is wrong."""
-    c, h, w = spec["channels"], spec["height"], spec["width"]
-    expected = f"{h}x{w}" if c == 1 else f"{c}x{h}x{w}"
+    (c, h, w), expected = spec.shape, spec.describe()
     if value is None:
         raise InputError(f"'{field}' is missing or null; expected a list of {expected} images", "missing")
     if not isinstance(value, list):
@@ -164,7 +164,7 @@ def parse_labels(value, n: int, num_classes: int) -> np.ndarray:
     return arr
 
 
-def parse_npz(data: bytes, spec: dict, num_classes: int, max_images: int = MAX_NPZ_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+def parse_npz(data: bytes, spec: InputSpec, num_classes: int, max_images: int = MAX_NPZ_IMAGES) -> tuple[np.ndarray, np.ndarray]:
     """An .npz upload with uint8 `images` (N, H, W) or (N, C, H, W) and integer `labels` (N,).
 
     Loaded with allow_pickle=False: an object array (which would need unpickling) is refused.
@@ -190,7 +190,7 @@ def parse_npz(data: bytes, spec: dict, num_classes: int, max_images: int = MAX_N
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise InputError(f"not a readable .npz file ({e.__class__.__name__}); save with "
                          "numpy.savez(images=uint8 array, labels=int array)", "format") from None
-    c, h, w = spec["channels"], spec["height"], spec["width"]
+    c, h, w = spec.shape
     if images.dtype != np.uint8:
         raise InputError(f"'images' is {images.dtype}; send uint8 pixels (N, {h}, {w})", "type")
     if c == 1 and images.ndim == 3:
@@ -214,7 +214,7 @@ def parse_npz(data: bytes, spec: dict, num_classes: int, max_images: int = MAX_N
     return np.ascontiguousarray(images), labels.astype(np.int64)
 
 
-def decode_image_file(data: bytes, spec: dict) -> np.ndarray:
+def decode_image_file(data: bytes, spec: InputSpec) -> np.ndarray:
     """A PNG or JPEG file -> (1, C, H, W) uint8: converted to grey (or RGB) and resized to the model's input."""
     from PIL import Image, UnidentifiedImageError
 
@@ -226,15 +226,15 @@ def decode_image_file(data: bytes, spec: dict) -> np.ndarray:
                 raise InputError(f"the file is a {img.format} image; send PNG or JPEG", "format", 415)
             if img.width * img.height > 4096 * 4096:
                 raise InputError(f"the image is {img.width}x{img.height}; the limit is 4096x4096 pixels", "too_big", 413)
-            img = img.convert("L" if spec["channels"] == 1 else "RGB").resize((spec["width"], spec["height"]),
-                                                                               Image.Resampling.BILINEAR)
+            img = img.convert("L" if spec.channels == 1 else "RGB").resize((spec.width, spec.height),
+                                                                           Image.Resampling.BILINEAR)
             arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"the uploaded file is not a readable PNG or JPEG image ({e.__class__.__name__})",
                          "not_an_image", 400) from None
-    arr = arr[None, None] if spec["channels"] == 1 else arr.transpose(2, 0, 1)[None]
+    arr = arr[None, None] if spec.channels == 1 else arr.transpose(2, 0, 1)[None]
     return np.ascontiguousarray(arr)
 
 
@@ -257,15 +257,13 @@ class Classifier:
 
     def __post_init__(self):
         m = self.loaded.manifest
-        self.version: str = m["version"]
-        self.name: str = m["name"]
-        self.classes: list[str] = m["classes"]
-        self.spec: dict = m["input"]
-        self.tta: bool = m["model"].get("tta_flip", False)
+        self.version, self.name, self.classes = m.version, m.name, list(m.classes)
+        self.spec: InputSpec = m.input
+        self.tta: bool = m.model.tta_flip
 
     def warm_up(self) -> None:
         """One small pass before the first request (or before a reloaded version is swapped in)."""
-        self.predict(np.zeros((2, self.spec["channels"], self.spec["height"], self.spec["width"]), np.uint8))
+        self.predict(np.zeros((2, *self.spec.shape), np.uint8))
 
     def probabilities(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
         """uint8 (N, C, H, W) -> softmax probabilities (N, K) on the CPU.
@@ -311,16 +309,15 @@ class Classifier:
         """Accuracy, counts, 95% interval and the consistency test against the offline test set."""
         s = metrics.summarize(cm, self.classes)
         n, correct = s["n"], int(cm.trace())
-        m = self.loaded.manifest
-        off_n = int(sum(map(sum, m["confusion_matrix"])))
-        off_correct = int(sum(m["confusion_matrix"][i][i] for i in range(len(self.classes))))
+        offline = self.loaded.manifest.metrics
+        off_n, off_correct = offline.n, offline.correct
         lo, hi = metrics.wilson_interval(correct, n)
         p_value = metrics.two_proportion_test(correct, n, off_correct, off_n)
         return {
             "model_version": self.version,
             **s,
             "accuracy_ci95": [lo, hi],
-            "offline_test_accuracy": m["test_accuracy"],
+            "offline_test_accuracy": offline.test_accuracy,
             "offline_test_n": off_n,
             "consistent_with_offline": p_value >= 0.05,
             "consistency_test": {

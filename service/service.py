@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from core import artifacts
+from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
 from service import metrics
 from service.guard import Guard, STATE
@@ -113,15 +114,21 @@ class EvaluateAnswer(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """The served version, its blocks typed by the manifest's own records (core/manifest.py)."""
     name: str
     model_version: str
     created_at: str
-    architecture: dict
+    architecture: ModelSpec
     classes: list[str]
-    input: dict
-    offline_metrics: dict
+    input: InputSpec
+    dataset: DatasetRecord
+    offline_metrics: OfflineMetrics
+    offline_test_n: int
+    offline_test_correct: int
+    verdict: dict
     device: str
     limits: dict
+    reload_error: str | None = None
 
 
 Images = Annotated[list[Any], Field(description="H x W lists of pixel values 0..255 (C x H x W for colour models)",
@@ -212,7 +219,7 @@ class ImageClassifier:
 
     def _announce(self, name: str, model: Classifier, old: Classifier | None = None) -> None:
         """The served version's metrics: its offline accuracy, and imgclf_model_info 1 (0 for `old`)."""
-        self.metrics.offline_accuracy.labels(model.version).set(model.loaded.manifest["test_accuracy"])
+        self.metrics.offline_accuracy.labels(model.version).set(model.loaded.manifest.metrics.test_accuracy)
         self.metrics.model_info.labels(name, model.version).set(1)
         if old is not None:
             self.metrics.model_info.labels(name, old.version).set(0)
@@ -304,15 +311,12 @@ class ImageClassifier:
         if model is None:
             return self._unready()
         m = model.loaded.manifest
-        return JSONResponse({
-            "name": m["name"], "model_version": m["version"], "created_at": m["created_at"],
-            "architecture": m["model"], "classes": m["classes"], "input": m["input"],
-            "offline_metrics": {k: m[k] for k in ("test_accuracy", "test_loss", "confusion_matrix", "per_class",
-                                                  "calibration", "verdict")} | {"dataset": m["dataset"]},
-            "device": str(model.device),
-            "limits": STATE.limits(),
-            "reload_error": STATE.reload_error,
-        })
+        info = ModelInfo(name=m.name, model_version=m.version, created_at=m.created_at, architecture=m.model,
+                         classes=list(m.classes), input=m.input, dataset=m.dataset, offline_metrics=m.metrics,
+                         offline_test_n=m.metrics.n, offline_test_correct=m.metrics.correct,
+                         verdict=m.training.verdict, device=str(model.device), limits=STATE.limits(),
+                         reload_error=STATE.reload_error)
+        return JSONResponse(info.model_dump(mode="json"))
 
 
 ImageClassifier.add_asgi_middleware(Guard)

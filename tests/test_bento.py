@@ -66,7 +66,7 @@ def test_bento_serves_its_own_version_from_another_folder(bento, fashion, tmp_pa
         assert got["model_version"] == version
         loaded = artifacts.load(path / "src" / "bundle" / "artifacts", "lenet", version)
         with torch.inference_mode():
-            pred = forward_logits(loaded.model, preprocess(x, loaded.manifest["input"])).argmax(1)
+            pred = forward_logits(loaded.model, preprocess(x, loaded.manifest.input)).argmax(1)
         assert got["n"] == 500
         assert got["accuracy"] == int((pred == y).sum()) / 500
 

@@ -15,6 +15,7 @@ from core import artifacts
 from core.models import build_model
 from training.__main__ import main
 from training.config import make_config
+from tests.conftest import tiny_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--limit-train", "256", "--limit-test", "128", "--epochs", "1"]
@@ -38,7 +39,7 @@ def test_dry_run_subprocess_publishes_and_prints_where_and_how_well(tmp_path):
     assert published
     folder = Path(published.group(1))
     assert folder.parent == tmp_path / "art" / "lenet"
-    m = artifacts.verify(folder)
+    m = artifacts.verify(folder).to_dict()
     acc = re.fullmatch(r"test accuracy (\d\.\d{4}) \((\d+)/(\d+)\), test loss (\d+\.\d{4}), trained in [\d.]+ s",
                        lines[-1])
     assert acc, lines[-1]
@@ -103,10 +104,7 @@ def test_flags_reach_the_config_and_presets_never_beat_them(tmp_path, capsys):
 def _publish(root: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = build_model("mlp", 1, 4, 4, 3, hidden=[8])
-    manifest = {"model": {"arch": "mlp", "kwargs": {"hidden": [8]}}, "classes": ["a", "b", "c"],
-                "input": {"channels": 1, "height": 4, "width": 4}, "test_accuracy": 0.5 + seed / 10,
-                "created_at": "2026-01-01T00:00:00+00:00"}
-    return artifacts.publish(root, "tiny", model.state_dict(), manifest)
+    return artifacts.publish(root, "tiny", model.state_dict(), tiny_manifest(test_accuracy=0.5 + seed / 10))
 
 
 def test_list_and_promote(tmp_path, capsys):

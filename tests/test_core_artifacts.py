@@ -13,6 +13,7 @@ import torch
 from core import artifacts
 from core.artifacts import ArtifactError, ArtifactNotFound, IntegrityError, InvalidName
 from core.models import build_model
+from tests.conftest import tiny_manifest
 
 CLASSES = ["a", "b", "c"]
 
@@ -22,14 +23,8 @@ def _model(seed: int = 0):
     return build_model("mlp", 1, 4, 4, 3, hidden=[8])
 
 
-def _manifest() -> dict:
-    return {"model": {"arch": "mlp", "kwargs": {"hidden": [8]}},
-            "input": {"channels": 1, "height": 4, "width": 4, "mean": [0.5], "std": [0.25]},
-            "classes": CLASSES, "test_accuracy": 0.5}
-
-
 def _publish(root, seed: int = 0, name: str = "tiny", **kw):
-    return artifacts.publish(root, name, _model(seed).state_dict(), _manifest(), **kw)
+    return artifacts.publish(root, name, _model(seed).state_dict(), tiny_manifest(), **kw)
 
 
 def _visible(parent) -> list[str]:
@@ -37,8 +32,8 @@ def _visible(parent) -> list[str]:
 
 
 def test_publish_then_load_verifies_and_rebuilds_the_same_model(tmp_path):
-    folder = _publish(tmp_path, write_extras=lambda d, m: (d / "report.md").write_text(f"# {m['version']}\n"))
-    m = artifacts.verify(folder)
+    folder = _publish(tmp_path, write_extras=lambda d, m: (d / "report.md").write_text(f"# {m.version}\n"))
+    m = artifacts.verify(folder).to_dict()
     assert m["version"] == folder.name and m["name"] == "tiny"
     assert m["weights_sha256"] == artifacts.sha256_file(folder / "model.safetensors")
     assert set(m["files"]) == {"model.safetensors", "report.md"}
@@ -109,7 +104,7 @@ def test_a_pickle_in_place_of_the_weights_is_refused_and_never_executed(tmp_path
 @pytest.mark.parametrize("bad", ["a/b", "..", "../x", "a..b", "/abs", ".hidden", "", "x" * 200, "a b"])
 def test_names_that_could_leave_the_folder_are_refused(tmp_path, bad):
     with pytest.raises(InvalidName, match="invalid"):
-        artifacts.publish(tmp_path, bad, _model().state_dict(), _manifest())
+        artifacts.publish(tmp_path, bad, _model().state_dict(), tiny_manifest())
     with pytest.raises(InvalidName):
         artifacts.resolve(tmp_path, bad)
     _publish(tmp_path)

@@ -42,7 +42,7 @@ def test_torchrun_two_processes_publish_a_verified_version(tmp_path):
     folder = Path(found[0].strip())
     assert folder.parent == art / "lenet" and artifacts.list_versions(art, "lenet") == [folder.name]
 
-    manifest = artifacts.verify(folder)  # every listed file hashes to the manifest's sha256
+    manifest = artifacts.verify(folder).to_dict()  # every listed file hashes to the manifest's sha256
     assert manifest["distributed"] == {"world_size": 2, "backend": "gloo", "train_images_per_rank": 461,
                                        "batch_size_per_rank": 64}
     assert manifest["config"]["batch_size"] == 128  # the user's global batch is what the manifest keeps
@@ -52,7 +52,7 @@ def test_torchrun_two_processes_publish_a_verified_version(tmp_path):
     assert 0.0 <= manifest["test_accuracy"] <= 1.0
 
     loaded = artifacts.load(art, "lenet", folder.name)  # the service's path: verify, rebuild, load weights
-    assert loaded.manifest["weights_sha256"] == artifacts.sha256_file(folder / "model.safetensors")
+    assert loaded.manifest.weights_sha256 == artifacts.sha256_file(folder / "model.safetensors")
     assert not any(k.startswith("module.") for k in loaded.model.state_dict())
 
     weights = folder / "model.safetensors"

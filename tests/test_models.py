@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.manifest import InputSpec
 from core.models import MODELS, build_model, forward_logits, pick_device, preprocess
 
 NAMES = ["lenet", "cnn", "gru", "mlp"]
@@ -82,7 +83,7 @@ def test_tta_flip_averages_the_mirrored_logits():
 
 
 def test_preprocess_scales_and_normalises_like_training():
-    spec = {"mean": [0.5], "std": [0.25], "scale": 255.0}
+    spec = InputSpec(channels=1, height=1, width=2, mean=(0.5,), std=(0.25,), scale=255.0)
     x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2)
     assert preprocess(x, spec).flatten().tolist() == [-2.0, 2.0]
 

@@ -31,7 +31,7 @@ def _quiet(*_):
 
 
 def _check_version(folder: Path) -> dict:
-    m = artifacts.verify(folder)  # every listed file matches its hash, nothing unlisted
+    m = artifacts.verify(folder).to_dict()  # every listed file matches its hash, nothing unlisted
     assert KEYS <= set(m), KEYS - set(m)
     assert m["weights_sha256"] == artifacts.sha256_file(folder / "model.safetensors")
     cm = m["confusion_matrix"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -11,11 +12,12 @@ import pytest
 import torch
 
 from core import artifacts
+from core.manifest import InputSpec
 from core.metrics import confusion_matrix
 from service.inference import (Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz)
 
-SPEC = {"channels": 1, "height": 28, "width": 28, "scale": 255.0, "mean": [0.286], "std": [0.353]}
-RGB = {**SPEC, "channels": 3}
+SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.286,), std=(0.353,))
+RGB = dataclasses.replace(SPEC, channels=3)
 IMG = [[0] * 28 for _ in range(28)]
 
 

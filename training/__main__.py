@@ -80,13 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             from training.pipeline import train
             cfg = _config(ns)
             folder = train(cfg)
-            m = json.loads((folder / "manifest.json").read_text())
-            cm_total = sum(map(sum, m["confusion_matrix"]))
-            correct = sum(m["confusion_matrix"][i][i] for i in range(len(m["classes"])))
-            print(f"fit: {m['verdict']['verdict']} ({m['verdict']['reason']})")
+            m = artifacts.verify(folder)
+            verdict, test = m.training.verdict, m.metrics
+            print(f"fit: {verdict['verdict']} ({verdict['reason']})")
             print(f"published {folder}")
-            print(f"test accuracy {m['test_accuracy']:.4f} ({correct}/{cm_total}), test loss {m['test_loss']:.4f}, "
-                  f"trained in {m['training_seconds']:.1f} s")
+            print(f"test accuracy {test.test_accuracy:.4f} ({test.correct}/{test.n}), test loss {test.test_loss:.4f}, "
+                  f"trained in {m.training.training_seconds:.1f} s")
         elif ns.command == "cv":
             from training.pipeline import cross_validate
             s = cross_validate(_config(ns), ns.folds)
@@ -99,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 prom = artifacts.promoted(ns.artifacts_dir, name)
                 for v in artifacts.list_versions(ns.artifacts_dir, name):
-                    m = json.loads((artifacts.resolve(ns.artifacts_dir, name, v) / "manifest.json").read_text())
-                    print(f"{'*' if v == prom else ' '} {name}/{v}  test_accuracy {m['test_accuracy']:.4f}  "
-                          f"{m['model']['arch']}  {m['created_at']}")
+                    m = artifacts.read_manifest(artifacts.resolve(ns.artifacts_dir, name, v))
+                    print(f"{'*' if v == prom else ' '} {name}/{v}  test_accuracy {m.metrics.test_accuracy:.4f}  "
+                          f"{m.model.arch}  {m.created_at}")
         elif ns.command == "promote":
             artifacts.promote(ns.artifacts_dir, ns.name, ns.version)
             print(f"promoted {ns.name}/{ns.version}")

@@ -69,11 +69,11 @@ def train_distributed(cfg: TrainConfig, log=print) -> str | None:
     seconds = time.perf_counter() - started
     folder = None
     if rank == 0:
-        extra = {"distributed": {"world_size": world, "backend": dist.get_backend(),
-                                 "train_images_per_rank": len(local), "batch_size_per_rank": rank_cfg.batch_size}}
+        distributed = {"world_size": world, "backend": dist.get_backend(),
+                       "train_images_per_rank": len(local), "batch_size_per_rank": rank_cfg.batch_size}
         # the plain module: no DDP hooks (and so no collectives) during rank 0's test evaluation
         folder = str(evaluate_and_publish(cfg, name, ds, device, model, criterion, train_b, val_b, test_b,
-                                          input_spec, state, seconds, extra=extra))
+                                          input_spec, state, seconds, distributed=distributed))
     dist.barrier()
     return folder
 

@@ -19,6 +19,7 @@ import torch
 import torchvision
 
 from core import artifacts
+from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
 from core.metrics import calibration, per_class
 from core.models import build_model, pick_device
 from training import report
@@ -63,8 +64,7 @@ def prepare(cfg: TrainConfig, train_idx=None, val_idx=None):
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_schedule(cfg, optimizer, -(-len(train) // cfg.batch_size))
     gen = torch.Generator().manual_seed(cfg.seed)
-    input_spec = {"channels": c, "height": h, "width": w, "dtype": "uint8", "layout": "CHW",
-                  "scale": 255.0, "mean": mean, "std": std}
+    input_spec = InputSpec(channels=c, height=h, width=w, mean=tuple(mean), std=tuple(std))
     return ds, device, train, val, test, model, criterion, optimizer, scheduler, gen, input_spec
 
 
@@ -96,46 +96,37 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 
 def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criterion, train_b: Batches,
-                         val_b: Batches, test_b: Batches, input_spec: dict, state: FitState, seconds: float,
-                         extra: dict | None = None) -> Path:
+                         val_b: Batches, test_b: Batches, input_spec: InputSpec, state: FitState, seconds: float,
+                         distributed: dict | None = None) -> Path:
     """The final test evaluation and the published version (train() and training.distributed share it)."""
     test = evaluate(model, criterion, test_b, len(ds.classes), tta_flip=cfg.tta_flip)
     cm = test["confusion_matrix"]
-    manifest = {
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"arch": cfg.model, "kwargs": cfg.model_kwargs, "tta_flip": cfg.tta_flip,
-                  "parameters": sum(p.numel() for p in model.parameters())},
-        "classes": ds.classes,
-        "input": input_spec,
-        "dataset": {"name": ds.name, "source": ds.source, "train": len(train_b), "val": len(val_b),
-                    "test": len(test_b), "test_is_full_official_set": len(test_b) == len(ds.test_y)},
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "libraries": {"python": platform.python_version(), "torch": torch.__version__,
-                      "torchvision": torchvision.__version__, "numpy": np.__version__,
-                      "safetensors": safetensors.__version__},
-        "git_commit": _git_commit(),
-        "device": str(device),
-        "training_seconds": round(seconds, 2),
-        "stopped_early": state.stopped_early,
-        "best_epoch": state.best_epoch,
-        "test_accuracy": float(cm.trace()) / int(cm.sum()),
-        "test_loss": test["loss"],
-        "confusion_matrix": cm.tolist(),
-        "per_class": per_class(cm, ds.classes),
-        "calibration": calibration(test["probs"], test_b.y.cpu()),
-        "history": state.history,
-        "verdict": fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap),
-        **(extra or {}),
-    }
-    return artifacts.publish(cfg.artifacts_dir, name, model.state_dict(), manifest,
-                             write_extras=lambda d, m: _write_extras(d, m))
+    manifest = Manifest(
+        name=name, version="", created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelSpec(cfg.model, cfg.model_kwargs, cfg.tta_flip, sum(p.numel() for p in model.parameters())),
+        classes=tuple(ds.classes),
+        input=input_spec,
+        dataset=DatasetRecord(ds.name, ds.source, len(train_b), len(val_b), len(test_b),
+                              test_is_full_official_set=len(test_b) == len(ds.test_y)),
+        metrics=OfflineMetrics(test_accuracy=float(cm.trace()) / int(cm.sum()), test_loss=test["loss"],
+                               confusion_matrix=cm.tolist(), per_class=per_class(cm, ds.classes),
+                               calibration=calibration(test["probs"], test_b.y.cpu())),
+        training=TrainingRecord(
+            config=cfg.to_dict(), seed=cfg.seed,
+            libraries={"python": platform.python_version(), "torch": torch.__version__,
+                       "torchvision": torchvision.__version__, "numpy": np.__version__,
+                       "safetensors": safetensors.__version__},
+            git_commit=_git_commit(), device=str(device), training_seconds=round(seconds, 2),
+            stopped_early=state.stopped_early, best_epoch=state.best_epoch, history=state.history,
+            verdict=fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap), distributed=distributed),
+    )
+    return artifacts.publish(cfg.artifacts_dir, name, model.state_dict(), manifest, write_extras=_write_extras)
 
 
-def _write_extras(folder: Path, manifest: dict) -> None:
+def _write_extras(folder: Path, manifest: Manifest) -> None:
     report.write_all(folder, manifest)
     with open(folder / "history.jsonl", "w") as f:
-        for rec in manifest["history"]:
+        for rec in manifest.training.history:
             f.write(json.dumps(rec) + "\n")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from core.manifest import Manifest
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
@@ -63,18 +65,18 @@ def reliability_picture(calibration: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(m: dict) -> str:
+def markdown(m: Manifest) -> str:
     rows = "\n".join(f"| {c['label']} | {c['class_name']} | {c['precision']:.4f} | {c['recall']:.4f} | "
-                     f"{c['f1']:.4f} | {c['support']} |" for c in m["per_class"])
-    v = m["verdict"]
-    return f"""# {m['name']} {m['version']}
+                     f"{c['f1']:.4f} | {c['support']} |" for c in m.metrics.per_class)
+    v, spec, ds, tr = m.training.verdict, m.model, m.dataset, m.training
+    return f"""# {m.name} {m.version}
 
-- model: `{m['model']['arch']}`{' ' + json.dumps(m['model']['kwargs']) if m['model']['kwargs'] else ''}, {m['model']['parameters']:,} parameters{', test-time flip averaging' if m['model']['tta_flip'] else ''}
-- dataset: {m['dataset']['name']} ({m['dataset']['train']} train / {m['dataset']['val']} validation / {m['dataset']['test']} test)
-- **test accuracy {m['test_accuracy']:.4f}** (loss {m['test_loss']:.4f}), expected calibration error {m['calibration']['ece']:.4f}
+- model: `{spec.arch}`{' ' + json.dumps(spec.kwargs) if spec.kwargs else ''}, {spec.parameters:,} parameters{', test-time flip averaging' if spec.tta_flip else ''}
+- dataset: {ds.name} ({ds.train} train / {ds.val} validation / {ds.test} test)
+- **test accuracy {m.metrics.test_accuracy:.4f}** (loss {m.metrics.test_loss:.4f}), expected calibration error {m.metrics.calibration['ece']:.4f}
 - fit: **{v['verdict']}**: {v['reason']}
-- trained {len(m['history'])} epoch(s) in {m['training_seconds']:.1f} s on {m['device']}{' (stopped early)' if m['stopped_early'] else ''}
-- weights sha256 `{m['weights_sha256']}`
+- trained {len(tr.history)} epoch(s) in {tr.training_seconds:.1f} s on {tr.device}{' (stopped early)' if tr.stopped_early else ''}
+- weights sha256 `{m.weights_sha256}`
 
 | label | class | precision | recall | F1 | support |
 |---|---|---|---|---|---|
@@ -84,8 +86,8 @@ def markdown(m: dict) -> str:
 """
 
 
-def write_all(folder: Path, manifest: dict) -> None:
-    learning_curves(manifest["history"], folder / "learning_curves.png")
-    confusion_picture(manifest["confusion_matrix"], manifest["classes"], folder / "confusion_matrix.png")
-    reliability_picture(manifest["calibration"], folder / "reliability.png")
+def write_all(folder: Path, manifest: Manifest) -> None:
+    learning_curves(manifest.training.history, folder / "learning_curves.png")
+    confusion_picture(manifest.metrics.confusion_matrix, list(manifest.classes), folder / "confusion_matrix.png")
+    reliability_picture(manifest.metrics.calibration, folder / "reliability.png")
     (folder / "report.md").write_text(markdown(manifest))
