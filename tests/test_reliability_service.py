@@ -249,11 +249,9 @@ def _publish_variant(root: Path, name: str, source: str, shift: float) -> str:
     from core import artifacts
 
     folder = root / name / source
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = artifacts.read_manifest(folder).replace(files={})
     state = load_file(folder / "model.safetensors")
     state = {k: (v + shift if k.endswith("bias") else v) for k, v in state.items()}
-    for key in ("files", "version", "weights_sha256", "schema_version", "name"):
-        manifest.pop(key, None)
     time.sleep(1.1)  # version ids carry the publishing second
     return artifacts.publish(root, name, state, manifest).name
 
