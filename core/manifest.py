@@ -10,6 +10,8 @@ artifact format is a change to this file (and to the writer that fills it in tra
       dataset: DatasetRecord    which data and split sizes
       metrics: OfflineMetrics   test-set figures, all derived from one confusion matrix
       training: TrainingRecord  config, seed, libraries, history, fit verdict
+      test_predictions          the file with the predicted class of every test image (None: an
+                                older version; core.registry recomputes them on demand)
       files                     every file of the version and its sha256
 
 A manifest whose `schema_version` is not one this code reads is refused by name, as is one
@@ -114,6 +116,9 @@ class Manifest:
     training: TrainingRecord
     weights_sha256: str = ""           # filled in by core.artifacts.publish
     files: dict[str, str] = field(default_factory=dict)
+    # name of a file listed in `files`: safetensors with int64 `predictions` and `labels`, one per
+    # evaluated test image in the order of the official test set (core.registry reads and writes it)
+    test_predictions: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -139,6 +144,8 @@ class Manifest:
         d.update(dataclasses.asdict(self.metrics))
         d.update(schema_version=self.schema_version, name=self.name, version=self.version,
                  weights_sha256=self.weights_sha256, files=dict(self.files))
+        if self.test_predictions is not None:  # absent in versions published before it existed
+            d["test_predictions"] = self.test_predictions
         return d
 
     @classmethod
@@ -150,7 +157,7 @@ class Manifest:
             raise ManifestError(f"manifest schema_version {schema!r} is not one this code reads "
                                 f"({', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); use the release that wrote it")
         top = {"created_at", "model", "classes", "input", "dataset", "schema_version", "name", "version",
-               "weights_sha256", "files"}
+               "weights_sha256", "files", "test_predictions"}
         tr_keys = {f.name for f in dataclasses.fields(TrainingRecord)}
         me_keys = {f.name for f in dataclasses.fields(OfflineMetrics)}
         unknown = sorted(set(d) - top - tr_keys - me_keys)
@@ -167,6 +174,7 @@ class Manifest:
                 metrics=_record(OfflineMetrics, {k: d[k] for k in me_keys}, "metrics"),
                 training=_record(TrainingRecord, {k: d[k] for k in tr_keys if k in d}, "training record"),
                 weights_sha256=d["weights_sha256"], files=dict(d["files"]), schema_version=schema,
+                test_predictions=_optional_str(d.get("test_predictions"), "test_predictions"),
             )
         except ManifestError:
             raise
@@ -174,6 +182,12 @@ class Manifest:
             raise ManifestError(f"manifest lacks the key {e.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as e:
             raise ManifestError(f"manifest has a malformed block: {e}") from None
+
+
+def _optional_str(value: Any, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ManifestError(f"manifest key {key!r} must be a file name or null, not {type(value).__name__}")
+    return value
 
 
 def _record(cls, d: Any, what: str):

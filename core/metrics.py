@@ -102,3 +102,36 @@ def summarize(cm: torch.Tensor, class_names: list[str]) -> dict:
         "confusion_matrix": cm.tolist(),
         "per_class": per_class(cm, class_names),
     }
+
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Exact two-sided McNemar p-value for paired classifiers on the same images.
+
+    `a_only`: images A got right and B wrong; `b_only`: the reverse (the discordant pairs; images
+    both got right or both wrong carry no evidence). Under the null hypothesis that both are equally
+    accurate each discordant image is a fair coin, so the count a_only ~ Binomial(a_only + b_only, 1/2)
+    and p = min(1, 2 * P[X <= min(a_only, b_only)]). No discordant pairs: p = 1.
+    Exact integer arithmetic: the binomial sum over 2^n is one correctly rounded division.
+    """
+    if a_only < 0 or b_only < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {a_only} and {b_only}")
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_difference_interval(n: int, a_only: int, b_only: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% interval of accuracy(B) - accuracy(A) for paired predictions on the same n images.
+
+    Agresti & Min (2005): the Wald interval of a difference of matched proportions after adding
+    1/2 to each of the four cells of the 2x2 table (good coverage even with few discordant pairs).
+    Centre (b_only - a_only) / (n + 2); variance ((a+b) - (b-a)^2 / n') / n'^2 with n' = n + 2.
+    """
+    if n <= 0:
+        return (-1.0, 1.0)
+    a, b, m = a_only + 0.5, b_only + 0.5, n + 2
+    centre = (b - a) / m
+    half = z * math.sqrt(max((a + b) - (b - a) ** 2 / m, 0.0)) / m
+    return (max(-1.0, centre - half), min(1.0, centre + half))

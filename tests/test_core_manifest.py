@@ -72,3 +72,27 @@ def test_unknown_and_missing_keys_are_named(published):
         Manifest.from_dict({**raw, "model": {}})
     with pytest.raises(ManifestError, match="JSON object"):
         Manifest.from_dict([raw])
+
+
+def test_test_predictions_is_named_and_older_manifests_without_it_still_read(published):
+    _, folder = published
+    raw = json.loads((folder / "manifest.json").read_text())
+    assert raw["test_predictions"] == "test_predictions.safetensors" and raw["test_predictions"] in raw["files"]
+    older = {k: v for k, v in raw.items() if k != "test_predictions"}  # published before the file existed
+    m = Manifest.from_dict(older)
+    assert m.test_predictions is None and m.to_dict() == older
+    with pytest.raises(ManifestError, match="'test_predictions' must be a file name or null"):
+        Manifest.from_dict({**raw, "test_predictions": 3})
+
+
+def test_a_manifest_naming_unhashed_test_predictions_is_refused(published, tmp_path):
+    import shutil
+
+    root, folder = published
+    copy = tmp_path / "lenet" / folder.name
+    shutil.copytree(folder, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    del raw["files"]["test_predictions.safetensors"]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(IntegrityError, match="names test_predictions .* but lists no hash"):
+        artifacts.verify(copy)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from core.metrics import (accuracy, calibration, confusion_matrix, per_class, summarize, two_proportion_test,
-                          wilson_interval)
+from core.metrics import (accuracy, calibration, confusion_matrix, mcnemar_exact, paired_difference_interval,
+                          per_class, summarize, two_proportion_test, wilson_interval)
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 2])
 PREDS = torch.tensor([0, 1, 1, 1, 2, 0, 2])
@@ -102,3 +102,35 @@ def test_two_proportion_test_known_value_and_symmetry():
     assert two_proportion_test(10, 10, 10, 10) == 1.0
     assert two_proportion_test(0, 0, 5, 10) == 1.0
     assert math.isfinite(two_proportion_test(0, 10, 0, 10))
+
+
+@pytest.mark.parametrize("a_only, b_only, p", [
+    (1, 9, 22 / 1024),      # 2 * (C(10,0) + C(10,1)) / 2^10 = 0.021484375
+    (9, 1, 22 / 1024),      # two-sided: symmetric in A and B
+    (2, 8, 112 / 1024),     # 2 * (1 + 10 + 45) / 1024 = 0.109375
+    (0, 5, 2 / 32),         # 0.0625: five discordant pairs can never reach p < 0.05
+    (0, 6, 2 / 64),         # 0.03125: six can
+    (5, 5, 1.0), (0, 1, 1.0), (0, 0, 1.0),  # no evidence either way; none at all is p = 1
+    # larger counts, checked against mpmath's exact binomial sum (50-digit arithmetic)
+    (120, 453, 1.8363793799056088e-46),
+    (500, 600, 0.0028195449914364275),
+    (4500, 4600, 0.2993619106568025),
+])
+def test_mcnemar_exact_known_values(a_only, b_only, p):
+    assert mcnemar_exact(a_only, b_only) == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_exact_refuses_negative_counts():
+    with pytest.raises(ValueError, match="discordant counts"):
+        mcnemar_exact(-1, 3)
+
+
+def test_paired_difference_interval_by_hand():
+    # Agresti-Min: cells +1/2 -> a 10.5, b 20.5, n' 102; centre 10/102, half 1.959964*sqrt(31 - 100/102)/102
+    lo, hi = paired_difference_interval(100, 10, 20)
+    assert (lo, hi) == (pytest.approx(-0.0072419, abs=1e-6), pytest.approx(0.2033203, abs=1e-6))
+    assert paired_difference_interval(100, 20, 10) == (pytest.approx(-hi), pytest.approx(-lo))
+    lo, hi = paired_difference_interval(10000, 0, 0)  # identical predictions: a narrow interval around 0
+    assert lo < 0 < hi and hi - lo < 5e-4
+    lo, hi = paired_difference_interval(10000, 120, 453)  # diff 0.0333: clearly above 0
+    assert 0.028 < lo < 0.0333 < hi < 0.038

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from core import artifacts
 from tests.conftest import tiny_config
@@ -46,6 +47,9 @@ def _check_version(folder: Path) -> dict:
     assert [json.loads(x) for x in lines] == m["history"]
     assert m["verdict"]["verdict"] in ("underfitting", "overfitting", "good_fit")
     assert m["calibration"]["n_bins"] == 15 and 0 <= m["calibration"]["ece"] <= 1
+    preds = load_file(folder / m["test_predictions"])  # per-image test predictions, hashed like every file
+    assert preds["predictions"].shape == preds["labels"].shape == (n,) and m["test_predictions"] in m["files"]
+    assert int((preds["predictions"] == preds["labels"]).sum()) == sum(cm[i][i] for i in range(len(cm)))
     return m
 
 

@@ -18,7 +18,7 @@ import safetensors
 import torch
 import torchvision
 
-from core import artifacts
+from core import artifacts, registry
 from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
 from core.metrics import calibration, per_class
 from core.models import build_model, pick_device
@@ -120,7 +120,17 @@ def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criteri
             stopped_early=state.stopped_early, best_epoch=state.best_epoch, history=state.history,
             verdict=fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap), distributed=distributed),
     )
-    return artifacts.publish(cfg.artifacts_dir, name, model.state_dict(), manifest, write_extras=_write_extras)
+    manifest, write_extras = _with_test_predictions(manifest, test["probs"].argmax(1), test_b.y)
+    return artifacts.publish(cfg.artifacts_dir, name, model.state_dict(), manifest, write_extras=write_extras)
+
+
+def _with_test_predictions(manifest: Manifest, predictions: torch.Tensor, labels: torch.Tensor):
+    """The manifest naming the per-image test predictions, and a write_extras that also writes them
+    (the same argmax the confusion matrix counted; core.registry compares versions with them)."""
+    def write_extras(folder: Path, m: Manifest) -> None:
+        _write_extras(folder, m)
+        registry.write_test_predictions(folder, predictions, labels)
+    return manifest.replace(test_predictions=registry.TEST_PREDICTIONS), write_extras
 
 
 def _write_extras(folder: Path, manifest: Manifest) -> None:
