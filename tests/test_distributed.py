@@ -14,7 +14,7 @@ import torch
 
 from core import artifacts
 from training.distributed import shard
-from training.engine import Batches
+from training.run import Batches
 
 ROOT = Path(__file__).resolve().parent.parent
 
