@@ -26,16 +26,16 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
 from torchvision import transforms
 
-from core.models import LeNet
+from core.models import LeNet, normalise
 from training.config import PRESETS
 from training.data import channel_stats, load_dataset
-from training.engine import Batches, train_one_epoch
+from training.engine import train_one_epoch
+from training.run import Batches
 
 RESULTS = Path(__file__).parent / "results"
 BATCH_SIZES = (4, 64, 128)  # 4 and 64: the tutorial's; 128: the lenet preset's batch
@@ -95,7 +95,7 @@ def project_loop(images, labels, mean, std, batch_size: int, batches: int, seed:
 def model_only(images, labels, mean, std, batch_size: int, batches: int, seed: int) -> float:
     """Images/s of the bare step on pre-normalised batches in order: the compute ceiling of any loop."""
     n = batch_size * batches
-    x = (images[:n].float() / 255 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    x = normalise(images[:n].float() / 255, torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
     y = labels[:n]
     model, opt, crit = _model_and_optimizer(seed)
     model.train()

@@ -144,13 +144,22 @@ def forward_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) ->
     return logits
 
 
+def normalise(x01: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per channel, on the 0..1 scale: (N, C, H, W) with mean, std (1, C, 1, 1).
+
+    The one normalisation of training batches (after augmentation), evaluation and serving, so the
+    served model sees exactly the numbers it was trained on.
+    """
+    return (x01 - mean) / std
+
+
 def preprocess(images: torch.Tensor, input_spec) -> torch.Tensor:
     """uint8-range pixels (N, C, H, W) -> the normalised float batch the model was trained on.
 
     `input_spec` is the manifest's core.manifest.InputSpec (mean, std, scale)."""
     mean = torch.tensor(input_spec.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(input_spec.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / input_spec.scale - mean) / std
+    return normalise(images.float() / input_spec.scale, mean, std)
 
 
 def pick_device(setting: str) -> torch.device:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -14,7 +13,7 @@ import torch
 
 from core import artifacts
 from training.distributed import shard
-from training.engine import Batches
+from training.run import Batches
 
 ROOT = Path(__file__).resolve().parent.parent
 

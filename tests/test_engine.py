@@ -1,5 +1,5 @@
-"""training/engine.py: the loop, early stopping with the best weights, the fit verdict, and checkpoints
-that resume to the same weights as an uninterrupted run."""
+"""training/engine.py: the loop and early stopping with the best weights; with training/checkpoint.py,
+checkpoints that resume to the same weights as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import torch
 
 from core.models import build_model
 from training import engine
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import make_config
-from training.engine import Batches, evaluate, fit, fit_verdict, load_checkpoint, save_checkpoint, train_one_epoch
+from training.data import Dataset
+from training.engine import evaluate, fit, train_one_epoch
 from training.losses import LOSSES, build_loss
 from training.optim import OPTIMIZERS, build_optimizer, build_schedule
+from training.run import Batches, Run
 
 K = 4
 
@@ -40,7 +43,9 @@ def _setup(**over):
     crit = build_loss(cfg, train.y, K)
     opt = build_optimizer(cfg, model.parameters())
     sched = build_schedule(cfg, opt, -(-len(train) // cfg.batch_size))
-    return cfg, train, val, model, crit, opt, sched, torch.Generator().manual_seed(cfg.seed)
+    ds = Dataset("quadrants", [str(k) for k in range(K)], train.x, train.y, val.x, val.y, "memory")
+    return cfg, Run(ds, torch.device("cpu"), train, val, val, model, crit, opt, sched,
+                    torch.Generator().manual_seed(cfg.seed), {})
 
 
 def _weights(model) -> dict:
@@ -52,10 +57,11 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_train_one_epoch_and_evaluate_return_numbers():
-    cfg, train, val, model, crit, opt, sched, gen = _setup()
-    tr = train_one_epoch(model, crit, opt, sched, train, 32, gen, do_augment=False)
+    _, run = _setup()
+    tr = train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler, run.train, 32, run.generator,
+                         do_augment=False)
     assert set(tr) == {"loss", "accuracy", "images_per_s", "seconds"} and 0 <= tr["accuracy"] <= 1
-    ev = evaluate(model, crit, val, K)
+    ev = evaluate(run.model, run.criterion, run.val, K)
     cm = ev["confusion_matrix"]
     assert cm.shape == (K, K) and int(cm.sum()) == 128
     assert ev["accuracy"] == float(cm.trace()) / 128
@@ -64,8 +70,8 @@ def test_train_one_epoch_and_evaluate_return_numbers():
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_trains_by_name(loss):
-    cfg, train, val, model, crit, opt, sched, gen = _setup(loss=loss, epochs=4)
-    st = fit(model, crit, opt, sched, train, val, cfg, K, gen, log=lambda r: None)
+    cfg, run = _setup(loss=loss, epochs=4)
+    st = fit(run, cfg, log=lambda r: None)
     h = st.history
     assert h[-1]["train_loss"] < h[0]["train_loss"] and h[-1]["val_accuracy"] > 0.5
 
@@ -73,8 +79,8 @@ def test_every_loss_trains_by_name(loss):
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_trains_by_name(optimizer):
     lr = {"sgd": 0.1, "nesterov": 0.1, "rmsprop": 1e-3}.get(optimizer, 1e-2)
-    cfg, train, val, model, crit, opt, sched, gen = _setup(optimizer=optimizer, lr=lr, epochs=4, schedule="cosine")
-    st = fit(model, crit, opt, sched, train, val, cfg, K, gen, log=lambda r: None)
+    cfg, run = _setup(optimizer=optimizer, lr=lr, epochs=4, schedule="cosine")
+    st = fit(run, cfg, log=lambda r: None)
     assert st.history[-1]["train_loss"] < st.history[0]["train_loss"] and st.history[-1]["val_accuracy"] > 0.5
 
 
@@ -87,8 +93,9 @@ def test_early_stopping_counts_epochs_without_improvement_and_keeps_the_best_wei
         return {"loss": next(scripted), "accuracy": 0.5}
 
     monkeypatch.setattr(engine, "evaluate", fake_evaluate)
-    cfg, train, val, model, crit, opt, sched, gen = _setup(epochs=10, patience=2)
-    st = fit(model, crit, opt, sched, train, val, cfg, K, gen, log=lambda r: None)
+    cfg, run = _setup(epochs=10, patience=2)
+    model = run.model
+    st = fit(run, cfg, log=lambda r: None)
     # best at epochs 2 and 4; epochs 5 and 6 bring no improvement -> stop after epoch 6
     assert st.stopped_early and st.epoch == 6 and len(st.history) == 6
     assert st.best_epoch == 4 and st.best_val_loss == 0.85
@@ -106,57 +113,25 @@ def test_without_patience_every_epoch_runs_and_the_last_weights_stay(monkeypatch
         return {"loss": next(losses), "accuracy": 0.5}
 
     monkeypatch.setattr(engine, "evaluate", fake_evaluate)
-    cfg, train, val, model, crit, opt, sched, gen = _setup(epochs=4, patience=0)
-    st = fit(model, crit, opt, sched, train, val, cfg, K, gen, log=lambda r: None)
+    cfg, run = _setup(epochs=4, patience=0)
+    model = run.model
+    st = fit(run, cfg, log=lambda r: None)
     assert not st.stopped_early and st.epoch == 4 and st.best_epoch == 1
     assert _same(_weights(model), snapshots[-1])
 
 
 def test_early_stopping_on_a_real_rising_validation_loss():
     # validation labels contradict training labels, so validation loss is best after epoch 1 and rises
-    cfg, train, _, model, crit, opt, sched, gen = _setup(epochs=20, patience=2, lr=3e-2)
+    cfg, run = _setup(epochs=20, patience=2, lr=3e-2)
     val = _data(128, 2)
     val = Batches(val.x, (val.y + 1) % K, val.mean, val.std)
-    st = fit(model, crit, opt, sched, train, val, cfg, K, gen, log=lambda r: None)
+    run = dataclasses.replace(run, val=val)
+    model, crit = run.model, run.criterion
+    st = fit(run, cfg, log=lambda r: None)
     assert st.stopped_early and st.epoch == st.best_epoch + 2 < 20
     best = st.history[st.best_epoch - 1]["val_loss"]
     assert best == min(h["val_loss"] for h in st.history) < st.history[-1]["val_loss"]
     assert evaluate(model, crit, val, K)["loss"] == pytest.approx(best, rel=1e-6)  # best weights restored
-
-
-def _hist(tr_acc, va_acc, val_losses):
-    return [{"epoch": i + 1, "train_loss": 0.5, "train_accuracy": tr_acc, "val_loss": v, "val_accuracy": va_acc}
-            for i, v in enumerate(val_losses)]
-
-
-def test_fit_verdict_underfitting():
-    v = fit_verdict(_hist(0.62, 0.60, [1.2, 1.1, 1.0]), 0.80, 0.03)
-    assert v["verdict"] == "underfitting"
-    assert (v["train_accuracy"], v["val_accuracy"], v["gap"], v["underfit_accuracy"]) == (0.62, 0.6, 0.02, 0.8)
-    assert "0.6200" in v["reason"] and "0.6000" in v["reason"] and "0.8" in v["reason"]
-
-
-def test_fit_verdict_overfitting_by_gap():
-    v = fit_verdict(_hist(0.99, 0.90, [0.4, 0.35, 0.33]), 0.80, 0.03)
-    assert v["verdict"] == "overfitting" and v["gap"] == 0.09 and v["overfit_gap"] == 0.03
-    assert "0.9900" in v["reason"] and "0.9000" in v["reason"] and "0.0900 > 0.03" in v["reason"]
-
-
-def test_fit_verdict_overfitting_by_rising_validation_loss():
-    v = fit_verdict(_hist(0.91, 0.90, [0.5, 0.30, 0.35, 0.40]), 0.80, 0.03)
-    assert v["verdict"] == "overfitting"
-    assert "validation loss rose from 0.3000 (epoch 2) to 0.4000" in v["reason"]
-
-
-def test_fit_verdict_good_fit():
-    v = fit_verdict(_hist(0.92, 0.91, [0.5, 0.4, 0.3]), 0.80, 0.03)
-    assert v["verdict"] == "good_fit" and v["gap"] == 0.01
-    assert "0.9200" in v["reason"] and "0.9100" in v["reason"]
-
-
-def test_fit_verdict_without_validation_is_unknown():
-    h = [{"epoch": 1, "train_loss": 0.3, "train_accuracy": 0.9}]
-    assert fit_verdict(h, 0.8, 0.03)["verdict"] == "unknown"
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adam", "onecycle"), ("sgd", "step"), ("rmsprop", "cosine")])
@@ -164,31 +139,30 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, optimizer, sc
     # dropout (global RNG), augmentation (data generator), optimizer state and the schedule all matter here
     over = dict(optimizer=optimizer, schedule=schedule, lr=1e-2 if optimizer != "rmsprop" else 1e-3, epochs=3,
                 augment=True, step_size=1, model_kwargs={"hidden": [32], "dropout": 0.3}, patience=5)
-    cfg, train, val, model, crit, opt, sched, gen = _setup(**over)
-    fit(model, crit, opt, sched, train, val, cfg, K, gen, log=lambda r: None)
-    uninterrupted = _weights(model)
+    cfg, run = _setup(**over)
+    fit(run, cfg, log=lambda r: None)
+    uninterrupted = _weights(run.model)
 
     ck = tmp_path / "ck"
-    cfg, train, val, model, crit, opt, sched, gen = _setup(**over)
-    fit(model, crit, opt, sched, train, val, dataclasses.replace(cfg, epochs=1), K, gen, checkpoint_dir=ck,
-        log=lambda r: None)
+    cfg, run = _setup(**over)
+    fit(run, dataclasses.replace(cfg, epochs=1), checkpoint_dir=ck, log=lambda r: None)
     assert sorted(p.name for p in ck.iterdir()) == ["checkpoint.json", "checkpoint.safetensors"]  # nothing pickled
 
-    cfg, train, val, model, crit, opt, sched, gen = _setup(**over)  # a fresh process would rebuild all of this
-    st = load_checkpoint(ck, model, opt, sched, gen, "cpu")
+    cfg, run = _setup(**over)  # a fresh process would rebuild all of this
+    st = load_checkpoint(ck, run)
     assert st.epoch == 1 and len(st.history) == 1
-    st = fit(model, crit, opt, sched, train, val, cfg, K, gen, state=st, log=lambda r: None)
+    st = fit(run, cfg, state=st, log=lambda r: None)
     assert st.epoch == 3
-    assert _same(_weights(model), uninterrupted)
+    assert _same(_weights(run.model), uninterrupted)
 
 
 def test_a_torn_checkpoint_is_detected(tmp_path):
-    cfg, train, val, model, crit, opt, sched, gen = _setup(epochs=1)
-    st = fit(model, crit, opt, sched, train, val, cfg, K, gen, checkpoint_dir=tmp_path, log=lambda r: None)
+    cfg, run = _setup(epochs=1)
+    st = fit(run, cfg, checkpoint_dir=tmp_path, log=lambda r: None)
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
     meta["epoch"] = 0
     (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(RuntimeError, match="torn"):
-        load_checkpoint(tmp_path, model, opt, sched, gen, "cpu")
-    save_checkpoint(tmp_path, model, opt, sched, gen, st)
-    assert load_checkpoint(tmp_path, model, opt, sched, gen, "cpu").epoch == 1
+        load_checkpoint(tmp_path, run)
+    save_checkpoint(tmp_path, run, st)
+    assert load_checkpoint(tmp_path, run).epoch == 1

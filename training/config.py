@@ -113,10 +113,10 @@ def check_names(cfg: TrainConfig) -> None:
     from training.losses import LOSSES
     from training.optim import OPTIMIZERS, SCHEDULES
 
-    for what, value, known in (("model", cfg.model, MODELS), ("dataset", cfg.dataset, DATASETS),
-                               ("loss", cfg.loss, LOSSES), ("optimizer", cfg.optimizer, OPTIMIZERS),
-                               ("schedule", cfg.schedule, SCHEDULES)):
+    # models and datasets are listed alphabetically, the others in their table's order (as their builders do)
+    for what, value, known in (("model", cfg.model, sorted(MODELS)), ("dataset", cfg.dataset, sorted(DATASETS)),
+                               ("loss", cfg.loss, list(LOSSES)), ("optimizer", cfg.optimizer, list(OPTIMIZERS)),
+                               ("schedule", cfg.schedule, list(SCHEDULES))):
         if value not in known:
             plural = {"loss": "losses"}.get(what, what + "s")
-            names = sorted(known) if isinstance(known, dict) else known
-            raise ValueError(f"unknown {what} {value!r}; known {plural}: {', '.join(names)}")
+            raise ValueError(f"unknown {what} {value!r}; known {plural}: {', '.join(known)}")

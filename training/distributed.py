@@ -28,9 +28,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core import artifacts
 from training.config import TrainConfig
-from training.engine import Batches, fit
+from training.engine import fit
 from training.optim import build_optimizer, build_schedule
 from training.pipeline import evaluate_and_publish, prepare
+from training.run import Batches
 
 
 def shard(data: Batches, rank: int, world: int) -> Batches:
@@ -49,31 +50,31 @@ def train_distributed(cfg: TrainConfig, log=print) -> str | None:
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({world})")
     started = time.perf_counter()
-    ds, device, train_b, val_b, test_b, model, criterion, _, _, _, input_spec = prepare(cfg)
-    name = artifacts.check_name(cfg.resolved_name(), "model name")
-    local = shard(train_b, rank, world)
+    run = prepare(cfg)
+    artifacts.check_name(cfg.resolved_name(), "model name")  # a bad name fails now, not after training
+    local = shard(run.train, rank, world)
     # fit() and the schedule see the per-rank batch; the manifest keeps the user's (global) config
     rank_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size // world, checkpoint=False)
-    ddp = DDP(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    ddp = DDP(run.model, device_ids=[torch.cuda.current_device()] if run.device.type == "cuda" else None)
     optimizer = build_optimizer(cfg, ddp.parameters())
     scheduler = build_schedule(rank_cfg, optimizer, -(-len(local) // rank_cfg.batch_size))
     # each rank its own order and augmentation draws; all start from the same seed
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    rank_run = dataclasses.replace(run, train=local, model=ddp, optimizer=optimizer, scheduler=scheduler,
+                                   generator=gen)
     if rank == 0:
-        log(f"training {cfg.model} on {ds.name} with {world} processes ({dist.get_backend()}, {device}): "
-            f"{len(local)} train images per rank, batch {rank_cfg.batch_size} per rank ({cfg.batch_size} global), "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters")
-    state = fit(ddp, criterion, optimizer, scheduler, local, val_b if len(val_b) else None, rank_cfg,
-                len(ds.classes), gen, None, None,
-                log=(lambda r: log(json.dumps(r))) if rank == 0 else (lambda r: None))
+        log(f"training {cfg.model} on {run.dataset.name} with {world} processes ({dist.get_backend()}, "
+            f"{run.device}): {len(local)} train images per rank, batch {rank_cfg.batch_size} per rank "
+            f"({cfg.batch_size} global), {sum(p.numel() for p in run.model.parameters()):,} parameters")
+    state = fit(rank_run, rank_cfg, log=(lambda r: log(json.dumps(r))) if rank == 0 else (lambda r: None))
     seconds = time.perf_counter() - started
     folder = None
     if rank == 0:
         distributed = {"world_size": world, "backend": dist.get_backend(),
                        "train_images_per_rank": len(local), "batch_size_per_rank": rank_cfg.batch_size}
-        # the plain module: no DDP hooks (and so no collectives) during rank 0's test evaluation
-        folder = str(evaluate_and_publish(cfg, name, ds, device, model, criterion, train_b, val_b, test_b,
-                                          input_spec, state, seconds, distributed=distributed))
+        # the plain module and the whole training set: no DDP hooks (and so no collectives) during
+        # rank 0's test evaluation, and the manifest counts every training image
+        folder = str(evaluate_and_publish(cfg, run, state, seconds, distributed=distributed))
     dist.barrier()
     return folder
 

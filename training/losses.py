@@ -7,9 +7,13 @@ equals cross-entropy at gamma = 0; MSE compares probabilities with one-hot targe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from training.config import SMOOTHABLE
 
 
 class NLLOnLogSoftmax(nn.Module):
@@ -50,32 +54,43 @@ def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.T
     return labels.numel() / (num_classes * counts)
 
 
-LOSSES = ("cross_entropy", "weighted_cross_entropy", "nll", "focal", "mse")
+# Builders by name: (config, training labels (N,), number of classes) -> the loss module.
+def _cross_entropy(cfg, train_labels: torch.Tensor, num_classes: int) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def _weighted_cross_entropy(cfg, train_labels: torch.Tensor, num_classes: int) -> nn.Module:
+    if cfg.class_weights is not None:
+        if len(cfg.class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(cfg.class_weights)} values; the dataset has {num_classes} classes")
+        weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    else:
+        weight = inverse_frequency_weights(train_labels, num_classes)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def _focal(cfg, train_labels: torch.Tensor, num_classes: int) -> nn.Module:
+    alpha = None
+    if cfg.focal_alpha is not None:
+        if len(cfg.focal_alpha) != num_classes:
+            raise ValueError(f"focal_alpha has {len(cfg.focal_alpha)} values; the dataset has {num_classes} classes")
+        alpha = torch.tensor(cfg.focal_alpha, dtype=torch.float32)
+    return FocalLoss(cfg.focal_gamma, alpha)
+
+
+LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "cross_entropy": _cross_entropy,
+    "weighted_cross_entropy": _weighted_cross_entropy,
+    "nll": lambda cfg, train_labels, num_classes: NLLOnLogSoftmax(),
+    "focal": _focal,
+    "mse": lambda cfg, train_labels, num_classes: MSEOnProbabilities(),
+}
 
 
 def build_loss(cfg, train_labels: torch.Tensor, num_classes: int) -> nn.Module:
     name = cfg.loss
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
-    if cfg.label_smoothing and name not in ("cross_entropy", "weighted_cross_entropy"):
-        raise ValueError(f"label_smoothing applies to cross_entropy and weighted_cross_entropy, not {name!r}")
-    if name == "cross_entropy":
-        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if name == "weighted_cross_entropy":
-        if cfg.class_weights is not None:
-            if len(cfg.class_weights) != num_classes:
-                raise ValueError(f"class_weights has {len(cfg.class_weights)} values; the dataset has {num_classes} classes")
-            weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
-        else:
-            weight = inverse_frequency_weights(train_labels, num_classes)
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    if name == "nll":
-        return NLLOnLogSoftmax()
-    if name == "focal":
-        alpha = None
-        if cfg.focal_alpha is not None:
-            if len(cfg.focal_alpha) != num_classes:
-                raise ValueError(f"focal_alpha has {len(cfg.focal_alpha)} values; the dataset has {num_classes} classes")
-            alpha = torch.tensor(cfg.focal_alpha, dtype=torch.float32)
-        return FocalLoss(cfg.focal_gamma, alpha)
-    return MSEOnProbabilities()
+    if cfg.label_smoothing and name not in SMOOTHABLE:
+        raise ValueError(f"label_smoothing applies to {' and '.join(SMOOTHABLE)}, not {name!r}")
+    return LOSSES[name](cfg, train_labels, num_classes)

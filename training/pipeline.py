@@ -23,11 +23,14 @@ from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, Offline
 from core.metrics import calibration, per_class
 from core.models import build_model, pick_device
 from training import report
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.data import channel_stats, load_dataset, split
-from training.engine import Batches, FitState, evaluate, fit, fit_verdict, load_checkpoint
+from training.engine import evaluate, fit
 from training.losses import build_loss
 from training.optim import build_optimizer, build_schedule
+from training.run import Batches, FitState, Run
+from training.verdict import fit_verdict
 
 
 def _git_commit() -> str | None:
@@ -41,7 +44,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def prepare(cfg: TrainConfig, train_idx=None, val_idx=None):
+def prepare(cfg: TrainConfig, train_idx=None, val_idx=None) -> Run:
     """Everything a run needs, built from the config alone (also used by k-fold and torchrun)."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -65,63 +68,70 @@ def prepare(cfg: TrainConfig, train_idx=None, val_idx=None):
     scheduler = build_schedule(cfg, optimizer, -(-len(train) // cfg.batch_size))
     gen = torch.Generator().manual_seed(cfg.seed)
     input_spec = InputSpec(channels=c, height=h, width=w, mean=tuple(mean), std=tuple(std))
-    return ds, device, train, val, test, model, criterion, optimizer, scheduler, gen, input_spec
+    return Run(dataset=ds, device=device, train=train, val=val, test=test, model=model, criterion=criterion,
+               optimizer=optimizer, scheduler=scheduler, generator=gen, input_spec=input_spec)
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
     """Train by `cfg`, evaluate on the official test set, publish a version; returns its folder."""
     started = time.perf_counter()
-    ds, device, train_b, val_b, test_b, model, criterion, optimizer, scheduler, gen, input_spec = prepare(cfg)
+    run = prepare(cfg)
     name = artifacts.check_name(cfg.resolved_name(), "model name")
     ckpt = Path(cfg.artifacts_dir) / ".checkpoints" / f"{name}-{cfg.run_id()}"
     state = None
     if cfg.resume and (ckpt / "checkpoint.json").is_file():
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, gen, device)
+        state = load_checkpoint(ckpt, run)
         log(f"resuming {ckpt} after epoch {state.epoch}")
     elif cfg.resume:
         log(f"no checkpoint at {ckpt}: starting from the beginning")
     elif ckpt.exists():
         shutil.rmtree(ckpt)
-    log(f"training {cfg.model} on {ds.name} ({len(train_b)} train / {len(val_b)} val / {len(test_b)} test) "
-        f"on {device}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    state = fit(model, criterion, optimizer, scheduler, train_b, val_b if len(val_b) else None, cfg,
-                len(ds.classes), gen, ckpt if cfg.checkpoint else None, state,
-                log=lambda r: log(json.dumps(r)))
+    log(f"training {cfg.model} on {run.dataset.name} ({len(run.train)} train / {len(run.val)} val / "
+        f"{len(run.test)} test) on {run.device}, {sum(p.numel() for p in run.model.parameters()):,} parameters")
+    state = fit(run, cfg, ckpt if cfg.checkpoint else None, state, log=lambda r: log(json.dumps(r)))
     seconds = time.perf_counter() - started
-    folder = evaluate_and_publish(cfg, name, ds, device, model, criterion, train_b, val_b, test_b, input_spec,
-                                  state, seconds)
+    folder = evaluate_and_publish(cfg, run, state, seconds)
     if ckpt.exists():
         shutil.rmtree(ckpt)
     return folder
 
 
-def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criterion, train_b: Batches,
-                         val_b: Batches, test_b: Batches, input_spec: InputSpec, state: FitState, seconds: float,
+def evaluate_and_publish(cfg: TrainConfig, run: Run, state: FitState, seconds: float,
                          distributed: dict | None = None) -> Path:
     """The final test evaluation and the published version (train() and training.distributed share it)."""
-    test = evaluate(model, criterion, test_b, len(ds.classes), tta_flip=cfg.tta_flip)
-    cm = test["confusion_matrix"]
-    manifest = Manifest(
-        name=name, version="", created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        model=ModelSpec(cfg.model, cfg.model_kwargs, cfg.tta_flip, sum(p.numel() for p in model.parameters())),
+    name = artifacts.check_name(cfg.resolved_name(), "model name")
+    test = evaluate(run.model, run.criterion, run.test, run.num_classes, tta_flip=cfg.tta_flip)
+    manifest = _manifest(cfg, run, test, state, seconds, distributed)
+    manifest, write_extras = _with_test_predictions(manifest, test["probs"].argmax(1), run.test.y)
+    return artifacts.publish(cfg.artifacts_dir, name, run.model.state_dict(), manifest, write_extras=write_extras)
+
+
+def _manifest(cfg: TrainConfig, run: Run, test: dict, state: FitState, seconds: float,
+              distributed: dict | None) -> Manifest:
+    """The manifest of a version, less what artifacts.publish adds (name, version, hashes, files).
+
+    `test` is evaluate()'s result on run.test. The one place the manifest's fields are assembled.
+    """
+    ds, cm = run.dataset, test["confusion_matrix"]
+    return Manifest(
+        name="", version="", created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelSpec(cfg.model, cfg.model_kwargs, cfg.tta_flip, sum(p.numel() for p in run.model.parameters())),
         classes=tuple(ds.classes),
-        input=input_spec,
-        dataset=DatasetRecord(ds.name, ds.source, len(train_b), len(val_b), len(test_b),
-                              test_is_full_official_set=len(test_b) == len(ds.test_y)),
+        input=run.input_spec,
+        dataset=DatasetRecord(ds.name, ds.source, len(run.train), len(run.val), len(run.test),
+                              test_is_full_official_set=len(run.test) == len(ds.test_y)),
         metrics=OfflineMetrics(test_accuracy=float(cm.trace()) / int(cm.sum()), test_loss=test["loss"],
                                confusion_matrix=cm.tolist(), per_class=per_class(cm, ds.classes),
-                               calibration=calibration(test["probs"], test_b.y.cpu())),
+                               calibration=calibration(test["probs"], run.test.y.cpu())),
         training=TrainingRecord(
             config=cfg.to_dict(), seed=cfg.seed,
             libraries={"python": platform.python_version(), "torch": torch.__version__,
                        "torchvision": torchvision.__version__, "numpy": np.__version__,
                        "safetensors": safetensors.__version__},
-            git_commit=_git_commit(), device=str(device), training_seconds=round(seconds, 2),
+            git_commit=_git_commit(), device=str(run.device), training_seconds=round(seconds, 2),
             stopped_early=state.stopped_early, best_epoch=state.best_epoch, history=state.history,
             verdict=fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap), distributed=distributed),
     )
-    manifest, write_extras = _with_test_predictions(manifest, test["probs"].argmax(1), test_b.y)
-    return artifacts.publish(cfg.artifacts_dir, name, model.state_dict(), manifest, write_extras=write_extras)
 
 
 def _with_test_predictions(manifest: Manifest, predictions: torch.Tensor, labels: torch.Tensor):
@@ -152,12 +162,12 @@ def cross_validate(cfg: TrainConfig, folds: int, log=print) -> dict:
     for i in range(folds):
         val_idx = chunks[i]
         train_idx = torch.cat([c for j, c in enumerate(chunks) if j != i])
-        _, _, tr, va, _, model, crit, opt, sched, gen, _ = prepare(cfg, train_idx, val_idx)
-        state = fit(model, crit, opt, sched, tr, va, cfg, len(ds.classes), gen, log=lambda r: None)
-        ev = evaluate(model, crit, va, len(ds.classes))
-        results.append({"fold": i + 1, "train": len(tr), "val": len(va), "val_accuracy": ev["accuracy"],
+        run = prepare(cfg, train_idx, val_idx)
+        state = fit(run, cfg, log=lambda r: None)
+        ev = evaluate(run.model, run.criterion, run.val, run.num_classes)
+        results.append({"fold": i + 1, "train": len(run.train), "val": len(run.val), "val_accuracy": ev["accuracy"],
                         "val_loss": ev["loss"], "epochs": state.epoch})
-        log(f"fold {i + 1}/{folds}: val accuracy {ev['accuracy']:.4f} ({len(va)} images)")
+        log(f"fold {i + 1}/{folds}: val accuracy {ev['accuracy']:.4f} ({len(run.val)} images)")
     accs = torch.tensor([r["val_accuracy"] for r in results], dtype=torch.float64)
     summary = {"folds": folds, "model": cfg.model, "dataset": cfg.dataset, "config": cfg.to_dict(),
                "per_fold": results, "mean_val_accuracy": float(accs.mean()), "sd_val_accuracy": float(accs.std()),
