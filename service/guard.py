@@ -113,6 +113,8 @@ def watch_refusals(scope, send):
 
 
 class Guard:
+    """For an API route: check, read when needed, then answer by the fast path or hand on to BentoML."""
+
     def __init__(self, app):
         self.app = app
         self.max_body_bytes = settings.get().max_body_bytes
