@@ -23,19 +23,10 @@ from core import metrics
 from core.artifacts import LoadedModel
 from core.manifest import InputSpec
 from core.models import forward_logits, preprocess
+from service import settings
 
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-
-
-MAX_IMAGES = _env_int("MAX_IMAGES", 1024)            # images per JSON request
-MAX_NPZ_IMAGES = _env_int("MAX_NPZ_IMAGES", 100_000)  # images per .npz upload
 MAX_TOP_K = 10
+DEFAULT_TOP_K = 3
 
 
 class InputError(ValueError):
@@ -89,8 +80,10 @@ def _find_ragged(node, dims: tuple[int, ...], where: str, expected: str) -> None
         _find_ragged(child, dims[1:], f"{where}[{j}]", expected)
 
 
-def parse_images(value, spec: InputSpec, max_images: int = MAX_IMAGES, field: str = "images") -> np.ndarray:
-    """JSON `images` -> uint8 array (N, C, H, W), or an InputError that says what is wrong."""
+def parse_images(value, spec: InputSpec, max_images: int | None = None, field: str = "images") -> np.ndarray:
+    """JSON `images` -> uint8 array (N, C, H, W), or an InputError that says what is wrong.
+    `max_images` defaults to the MAX_IMAGES setting."""
+    max_images = settings.get().max_images if max_images is None else max_images
     (c, h, w), expected = spec.shape, spec.describe()
     if value is None:
         raise InputError(f"'{field}' is missing or null; expected a list of {expected} images", "missing")
@@ -143,6 +136,25 @@ def parse_images(value, spec: InputSpec, max_images: int = MAX_IMAGES, field: st
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
+def parse_top_k(value, num_classes: int) -> int:
+    """`top_k` as sent: a JSON integer 1..min(10, classes). Strict: "3", 3.0 and true are refused, whichever
+    way the request came in (JSON body or multipart form field)."""
+    limit = min(MAX_TOP_K, num_classes)
+    if type(value) is not int or not 1 <= value <= limit:
+        raise InputError(f"top_k must be an integer 1..{limit}, got {value!r} ({_type_name(value)})", "top_k")
+    return value
+
+
+def parse_predict_request(payload: dict, spec: dict, num_classes: int,
+                          max_images: int | None = None) -> tuple[np.ndarray, int]:
+    """A /predict body {"images": [...], "top_k": k (optional)} -> (uint8 images (N, C, H, W), top_k).
+
+    The one check of /predict: BentoML's route and the guard's fast path both reach it, so a rule
+    added here holds on both."""
+    top_k = parse_top_k(payload.get("top_k", DEFAULT_TOP_K), num_classes)
+    return parse_images(payload.get("images"), spec, max_images), top_k
+
+
 def parse_labels(value, n: int, num_classes: int) -> np.ndarray:
     if value is None:
         raise InputError("'labels' is missing or null; expected one integer class index per image", "missing")
@@ -164,11 +176,14 @@ def parse_labels(value, n: int, num_classes: int) -> np.ndarray:
     return arr
 
 
-def parse_npz(data: bytes, spec: InputSpec, num_classes: int, max_images: int = MAX_NPZ_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+def parse_npz(data: bytes, spec: InputSpec, num_classes: int,
+              max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An .npz upload with uint8 `images` (N, H, W) or (N, C, H, W) and integer `labels` (N,).
 
     Loaded with allow_pickle=False: an object array (which would need unpickling) is refused.
+    `max_images` defaults to the MAX_NPZ_IMAGES setting.
     """
+    max_images = settings.get().max_npz_images if max_images is None else max_images
     if not data.startswith(b"PK"):  # every .npz is a zip archive
         what = "a single .npy array" if data.startswith(b"\x93NUMPY") else "not a zip archive"
         raise InputError(f"the upload is {what}; send an .npz made with numpy.savez(images=uint8 array, "
@@ -284,12 +299,8 @@ class Classifier:
         xb = preprocess(xb.to(self.device, non_blocking=True), self.spec)
         return forward_logits(self.loaded.model, xb, self.tta).softmax(1).cpu()
 
-    def check_top_k(self, top_k) -> None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= min(MAX_TOP_K, len(self.classes)):
-            raise InputError(f"top_k must be an integer 1..{min(MAX_TOP_K, len(self.classes))}, got {top_k!r}", "top_k")
-
-    def predict(self, images: np.ndarray, top_k: int = 3) -> list[dict]:
-        self.check_top_k(top_k)
+    def predict(self, images: np.ndarray, top_k: int = DEFAULT_TOP_K) -> list[dict]:
+        top_k = parse_top_k(top_k, len(self.classes))
         return self.answers(self.probabilities(images), top_k)
 
     def answers(self, probs: torch.Tensor, top_k: int) -> list[dict]:

@@ -1,26 +1,15 @@
 """The BentoML service: one class, the model loaded and verified in __init__, one typed method per endpoint.
 
-Settings (environment variables, read at start-up):
-    ARTIFACTS_DIR   artifacts               where versions live (a built Bento uses its bundled copy)
-    MODEL_NAME      cnn                     which model
-    MODEL_VERSION   promoted, else newest   which version
-    DEVICE          auto                    auto | cpu | cuda
-    WORKERS         cpu_count               worker processes (a number, or cpu_count: one per core)
-    MAX_IMAGES      1024                    images per JSON request (413 above)
-    MAX_NPZ_IMAGES  100000                  images per .npz upload (413 above)
-    MAX_BODY_MB     64                      request body size (413 above)
-    MAX_CONCURRENCY 256                     requests in flight per worker (429 above)
-    REQUEST_TIMEOUT 60                      seconds per request (504 after)
-    TORCH_THREADS   1                       torch intra-op threads per worker (CPU)
-    RELOAD_POLL_S   2                       seconds between checks for a newly promoted version (0: off)
+Settings: service/settings.py (environment variables, read once at start-up). Routes: service/routes.py.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -29,33 +18,27 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 from starlette.responses import JSONResponse
 
 from core import artifacts
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
-from service import metrics
-from service.guard import Guard, STATE
-from service.inference import Batcher, Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz
+from service import metrics, settings
+from service.guard import STATE, FastRoute, Guard
+from service.inference import (DEFAULT_TOP_K, MAX_TOP_K, Batcher, Classifier, InputError, decode_image_file,
+                               parse_images, parse_labels, parse_npz, parse_predict_request, parse_top_k)
+from service.routes import EVALUATE, EVALUATE_NPZ, MODEL_INFO, PREDICT, PREDICT_IMAGE, ROUTES, Route
 
 log = logging.getLogger("imgclf")
 log.setLevel(logging.INFO)  # BentoML's root handler passes WARNING+ only; our start-up lines are INFO
 BUNDLE = Path(__file__).resolve().parent.parent / "bundle"
-DEVICE = os.environ.get("DEVICE", "auto")
-_WANTS_GPU = DEVICE.startswith("cuda") or (DEVICE == "auto" and torch.cuda.is_available())
-
-
-def _env_number(name: str, default, cast=int):
-    try:
-        return cast(os.environ.get(name, default))
-    except ValueError:
-        raise SystemExit(f"{name} must be a number, got {os.environ.get(name)!r}") from None
-
-
-def _workers() -> int | str:
-    value = os.environ.get("WORKERS", "cpu_count")
-    return value if value == "cpu_count" else _env_number("WORKERS", 1)
+NAME = "imgclf"
+try:
+    SETTINGS = settings.get()
+except settings.SettingsError as e:
+    raise SystemExit(f"imgclf: {e}") from None
+_WANTS_GPU = SETTINGS.device.startswith("cuda") or (SETTINGS.device == "auto" and torch.cuda.is_available())
 
 
 def choose_version() -> tuple[str, str, str | None]:
@@ -64,8 +47,7 @@ def choose_version() -> tuple[str, str, str | None]:
     if bundle.is_file():
         b = json.loads(bundle.read_text())
         return str(BUNDLE / "artifacts"), b["name"], b["version"]
-    return (os.environ.get("ARTIFACTS_DIR", "artifacts"), os.environ.get("MODEL_NAME", "cnn"),
-            os.environ.get("MODEL_VERSION") or None)
+    return SETTINGS.artifacts_dir, SETTINGS.model_name, SETTINGS.model_version
 
 
 # --- answer models (what /docs.json shows; the answers themselves are built as plain dicts) ---
@@ -134,24 +116,67 @@ class ModelInfo(BaseModel):
 Images = Annotated[list[Any], Field(description="H x W lists of pixel values 0..255 (C x H x W for colour models)",
                                     examples=[[[[0] * 28] * 28]])]
 Labels = Annotated[list[Any], Field(description="one integer class index per image", examples=[[9]])]
+# passed on as sent: parse_top_k checks it, the same on BentoML's route and on the guard's fast path
+TopK = Annotated[Any, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_TOP_K,
+                                      "description": "how many of the most likely classes each answer lists"})]
+
+
+def unready_answer() -> JSONResponse:
+    return JSONResponse({"error": f"model not loaded: {STATE.load_error}", "model_version": None}, status_code=503)
+
+
+def refusal_answer(model: Classifier, e: InputError) -> JSONResponse:
+    return JSONResponse({"error": str(e), "reason": e.reason, "model_version": model.version},
+                        status_code=e.status, headers={"x-imgclf-reason": e.reason})
+
+
+def with_model(method):
+    """The preamble of every endpoint, written once: 503 while no model is loaded, an InputError answered as
+    a refusal. The method gets the current model as its first argument, taken once, so the answer names the
+    version that computed it even when a reload swaps the model meanwhile; BentoML sees the signature
+    without it."""
+    params = list(inspect.signature(method).parameters.values())
+    assert params[1].name == "model", method
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def endpoint(self, *args, **kwargs):
+            if (model := self.model) is None:
+                return unready_answer()
+            try:
+                return await method(self, model, *args, **kwargs)
+            except InputError as e:
+                return refusal_answer(model, e)
+    else:
+        @functools.wraps(method)
+        def endpoint(self, *args, **kwargs):
+            if (model := self.model) is None:
+                return unready_answer()
+            try:
+                return method(self, model, *args, **kwargs)
+            except InputError as e:
+                return refusal_answer(model, e)
+
+    endpoint.__signature__ = inspect.signature(method).replace(parameters=[params[0], *params[2:]])
+    return endpoint
 
 
 @bentoml.service(
-    name="imgclf",
-    workers=_workers(),
+    name=NAME,
+    workers=SETTINGS.workers,
     resources={"gpu": 1} if _WANTS_GPU else {"cpu": "1"},
-    traffic={"timeout": _env_number("REQUEST_TIMEOUT", 60, float),
-             "max_concurrency": _env_number("MAX_CONCURRENCY", 256)},
+    traffic={"timeout": SETTINGS.request_timeout, "max_concurrency": SETTINGS.max_concurrency},
     logging={"access": {"enabled": False}},
-    # OpenTelemetry spans cost ~20% of a small request; trace only when asked (TRACING=1)
-    tracing={} if os.environ.get("TRACING") == "1" else {"excluded_urls": "predict,evaluate,model_info"},
+    # OpenTelemetry spans cost ~20% of a small request; trace the API routes only when asked (TRACING=1)
+    tracing={} if SETTINGS.tracing else {"excluded_urls": ",".join(path.lstrip("/") for path in ROUTES)},
 )
 class ImageClassifier:
     def __init__(self) -> None:
         root, name, version = choose_version()
         STATE.reset()
+        self.limits = settings.limits_in_force(SETTINGS, NAME)  # BentoML's configuration is loaded by now
         try:
-            device = pick_device(DEVICE)
+            device = pick_device(SETTINGS.device)
             loaded = artifacts.load(root, name, version, device=device)
         except (artifacts.ArtifactError, ValueError, RuntimeError, OSError) as e:
             # Stay up and say why on /readyz (503) and in the log: a bad version is never served.
@@ -162,7 +187,7 @@ class ImageClassifier:
         if device.type == "cpu":
             # One intra-op thread per worker: for small models, more threads only spin and contend
             # with the server and the other workers (measured in bench/; README "Benchmarks").
-            torch.set_num_threads(_env_number("TORCH_THREADS", 1))
+            torch.set_num_threads(SETTINGS.torch_threads)
         self.model = Classifier(loaded, device)
         self.batchers = {self.model.version: Batcher(self.model)}  # adaptive batching of /predict
         self.metrics = metrics.get()
@@ -172,10 +197,10 @@ class ImageClassifier:
         # so full collections stop scanning them (they caused 100+ ms pauses; see README).
         gc.collect()
         gc.freeze()
-        STATE.predict = self.predict
+        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict)}
         STATE.ready = True
         log.info("serving %s/%s on %s", name, self.model.version, device)
-        every = _env_number("RELOAD_POLL_S", 2.0, float)
+        every = SETTINGS.reload_poll_s
         if every > 0 and version is None:  # a pinned MODEL_VERSION or a bundled version never changes
             threading.Thread(target=self._watch_promotions, args=(root, name, every), daemon=True,
                              name="imgclf-reload").start()
@@ -224,99 +249,72 @@ class ImageClassifier:
         if old is not None:
             self.metrics.model_info.labels(name, old.version).set(0)
 
-    def _refuse(self, model: Classifier, e: InputError) -> JSONResponse:
-        return JSONResponse({"error": str(e), "reason": e.reason, "model_version": model.version},
-                            status_code=e.status, headers={"x-imgclf-reason": e.reason})
-
-    def _unready(self) -> JSONResponse:
-        return JSONResponse({"error": f"model not loaded: {STATE.load_error}", "model_version": None}, status_code=503)
-
-    async def _predict(self, model: Classifier, endpoint: str, x: np.ndarray, top_k: int) -> JSONResponse:
-        model.check_top_k(top_k)
+    async def _predict(self, model: Classifier, route: Route, x: np.ndarray, top_k: int) -> JSONResponse:
         t = time.perf_counter()
         preds = model.answers(await self.batchers[model.version].probabilities(x), top_k)
         m = self.metrics
-        m.latency.labels(endpoint, model.version).observe(time.perf_counter() - t)
-        m.batch_size.labels(endpoint).observe(len(x))
+        m.latency.labels(route.path, model.version).observe(time.perf_counter() - t)
+        m.batch_size.labels(route.path).observe(len(x))
         for p in preds:
             m.predictions.labels(model.version, p["class_name"]).inc()
         return JSONResponse({"model_version": model.version, "predictions": preds})
 
-    def _evaluate(self, model: Classifier, endpoint: str, x: np.ndarray, y: np.ndarray) -> JSONResponse:
+    def _evaluate(self, model: Classifier, route: Route, x: np.ndarray, y: np.ndarray) -> JSONResponse:
         t = time.perf_counter()
         answer = model.evaluate(x, y)
         m = self.metrics
-        m.latency.labels(endpoint, model.version).observe(time.perf_counter() - t)
-        m.batch_size.labels(endpoint).observe(len(x))
+        m.latency.labels(route.path, model.version).observe(time.perf_counter() - t)
+        m.batch_size.labels(route.path).observe(len(x))
         m.evaluated.labels(model.version).inc(answer["n"])
         m.evaluation_accuracy.labels(model.version).set(answer["accuracy"])
         return JSONResponse(answer)
 
-    # --- endpoints: each takes the current model once, so its answer names the version that computed it
+    # --- endpoints (the guard's fast path calls `predict` directly with what BentoML's input model accepted)
 
-    @bentoml.api(route="/predict")
-    async def predict(self, images: Images, top_k: int = 3) -> PredictAnswer:
+    @bentoml.api(route=PREDICT.path)
+    @with_model
+    async def predict(self, model: Classifier, images: Images, top_k: TopK = DEFAULT_TOP_K) -> PredictAnswer:
         """Classify a batch of images: argmax class, its probability and the top-k classes."""
-        model = self.model
-        if model is None:
-            return self._unready()
-        try:
-            return await self._predict(model, "/predict", parse_images(images, model.spec), top_k)
-        except InputError as e:
-            return self._refuse(model, e)
+        x, top_k = parse_predict_request({"images": images, "top_k": top_k}, model.spec, len(model.classes))
+        return await self._predict(model, PREDICT, x, top_k)
 
-    @bentoml.api(route="/predict_image")
-    async def predict_image(self, file: Annotated[Path, Field(description="a PNG or JPEG file")],
-                            top_k: int = 3) -> PredictAnswer:
+    @bentoml.api(route=PREDICT_IMAGE.path)
+    @with_model
+    async def predict_image(self, model: Classifier, file: Annotated[Path, Field(description="a PNG or JPEG file")],
+                            top_k: TopK = DEFAULT_TOP_K) -> PredictAnswer:
         """Classify one uploaded PNG or JPEG image (multipart field `file`), converted to the model's input."""
-        model = self.model
-        if model is None:
-            return self._unready()
-        try:
-            return await self._predict(model, "/predict_image", decode_image_file(file.read_bytes(), model.spec),
-                                       top_k)
-        except InputError as e:
-            return self._refuse(model, e)
+        top_k = parse_top_k(top_k, len(model.classes))
+        return await self._predict(model, PREDICT_IMAGE, decode_image_file(file.read_bytes(), model.spec), top_k)
 
-    @bentoml.api(route="/evaluate")
-    def evaluate(self, images: Images, labels: Labels) -> EvaluateAnswer:
+    @bentoml.api(route=EVALUATE.path)
+    @with_model
+    def evaluate(self, model: Classifier, images: Images, labels: Labels) -> EvaluateAnswer:
         """Accuracy, confusion matrix and per-class figures of labelled images, beside the offline test accuracy."""
-        model = self.model
-        if model is None:
-            return self._unready()
-        try:
-            x = parse_images(images, model.spec)
-            y = parse_labels(labels, len(x), len(model.classes))
-            return self._evaluate(model, "/evaluate", x, y)
-        except InputError as e:
-            return self._refuse(model, e)
+        x = parse_images(images, model.spec)
+        y = parse_labels(labels, len(x), len(model.classes))
+        return self._evaluate(model, EVALUATE, x, y)
 
-    @bentoml.api(route="/evaluate_npz")
-    def evaluate_npz(self, file: Annotated[Path, Field(description=".npz with uint8 `images` (N, H, W) and "
-                                                                    "integer `labels` (N,)")]) -> EvaluateAnswer:
+    @bentoml.api(route=EVALUATE_NPZ.path)
+    @with_model
+    def evaluate_npz(self, model: Classifier,
+                     file: Annotated[Path, Field(description=".npz with uint8 `images` (N, H, W) and integer "
+                                                             "`labels` (N,)")]) -> EvaluateAnswer:
         """The same as /evaluate for large batches: one .npz upload (multipart field `file`), never unpickled."""
-        model = self.model
-        if model is None:
-            return self._unready()
-        try:
-            x, y = parse_npz(file.read_bytes(), model.spec, len(model.classes))
-            return self._evaluate(model, "/evaluate_npz", x, y)
-        except InputError as e:
-            return self._refuse(model, e)
+        x, y = parse_npz(file.read_bytes(), model.spec, len(model.classes))
+        return self._evaluate(model, EVALUATE_NPZ, x, y)
 
-    @bentoml.api(route="/model_info")
-    async def model_info(self) -> ModelInfo:
+    @bentoml.api(route=MODEL_INFO.path)
+    @with_model
+    async def model_info(self, model: Classifier) -> ModelInfo:
         """Name, version, classes, input spec and the offline metrics of the served version."""
-        model = self.model
-        if model is None:
-            return self._unready()
         m = model.loaded.manifest
         info = ModelInfo(name=m.name, model_version=m.version, created_at=m.created_at, architecture=m.model,
                          classes=list(m.classes), input=m.input, dataset=m.dataset, offline_metrics=m.metrics,
                          offline_test_n=m.metrics.n, offline_test_correct=m.metrics.correct,
-                         verdict=m.training.verdict, device=str(model.device), limits=STATE.limits(),
+                         verdict=m.training.verdict, device=str(model.device), limits=self.limits,
                          reload_error=STATE.reload_error)
         return JSONResponse(info.model_dump(mode="json"))
 
 
+assert {api.route for api in ImageClassifier.apis.values()} == set(ROUTES), "service/routes.py lists every API"
 ImageClassifier.add_asgi_middleware(Guard)

@@ -293,3 +293,44 @@ def test_refusals_name_their_reason_and_version(server, lenet_version):
     assert body["detail"][0]["loc"] == ["labels"] and '"labels": [an integer class index per image]' in body["error"]
     r = post(server, "/predict", content=b"\x80\x04K\x01.", headers={"content-type": "application/python-pickle"})
     assert r.status_code == 415 and r.headers["x-imgclf-reason"] == "content_type"
+
+
+def test_top_k_is_strict_on_every_route(server):
+    """top_k is a JSON integer 1..10 whichever way a request comes in: the JSON body of /predict (the guard's
+    fast path) and the form field of /predict_image (BentoML's route, which reads form values as JSON)."""
+    png = png_bytes(np.zeros((28, 28), np.uint8))
+    for top_k in ("3", True, 3.0, None, 0, 11):
+        r = post(server, "/predict", json={"images": [IMG], "top_k": top_k})
+        assert r.status_code == 400 and r.json()["reason"] == "top_k", (top_k, r.text)
+        assert r.json()["error"].startswith("top_k must be an integer 1..10, got "), r.text
+    for form in ('"3"', "true", "3.0", "0", "three"):
+        r = post(server, "/predict_image", files={"file": ("x.png", png, "image/png")}, data={"top_k": form})
+        assert r.status_code == 400 and r.json()["reason"] == "top_k", (form, r.text)
+    r = post(server, "/predict", json={"images": [IMG], "top_k": 2})
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["top_k"]) == 2
+    r = post(server, "/predict_image", files={"file": ("x.png", png, "image/png")}, data={"top_k": "2"})
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["top_k"]) == 2
+
+
+def test_a_refused_request_is_one_warning_line_without_a_traceback(server):
+    """Refusals by BentoML's parsing (pydantic), by the model's checks and by the guard itself: each one
+    WARNING line naming the route and the reason. BentoML's own ERROR line with a traceback is silenced."""
+    import time
+
+    cases = [("/evaluate", {"json": {"images": [IMG]}}, "400 validation"),                 # pydantic, BentoML's route
+             ("/predict", {"content": b'{"images": [[0, 1'}, "400 validation"),            # invalid JSON
+             ("/predict", {"json": {"images": [IMG[:27]]}}, "400 shape"),                  # the model's check
+             ("/predict", {"content": b"{}", "headers": {"content-type": "text/plain"}}, "415 content_type"),
+             ("/evaluate_npz", {"files": {"file": ("t.npz", b"no zip")}}, "400 format")]
+    for route, kw, status_reason in cases:
+        start = len(server.log())
+        r = post(server, route, **kw)
+        assert f"{r.status_code} {r.json()['reason']}" == status_reason, r.text
+        deadline, new = time.monotonic() + 10, ""
+        while "refused" not in new and time.monotonic() < deadline:
+            time.sleep(0.1)
+            new = server.log()[start:]
+        lines = [line for line in new.splitlines() if line.strip()]
+        assert len(lines) == 1, new
+        assert "[WARNING]" in lines[0] and f"refused POST {route}: {status_reason}: " in lines[0], lines[0]
+        assert "Traceback" not in new and "[ERROR]" not in new, new

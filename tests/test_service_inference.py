@@ -14,7 +14,8 @@ import torch
 from core import artifacts
 from core.manifest import InputSpec
 from core.metrics import confusion_matrix
-from service.inference import (Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz)
+from service.inference import (Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz,
+                               parse_predict_request, parse_top_k)
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.286,), std=(0.353,))
 RGB = dataclasses.replace(SPEC, channels=3)
@@ -113,6 +114,32 @@ def test_bad_labels(labels, n, reason, words):
     with pytest.raises(InputError) as e:
         parse_labels(labels, n, 10)
     assert e.value.reason == reason and words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("top_k", ["3", True, 3.0, None, 0, 11, [3], {"k": 3}])
+def test_top_k_is_strict(top_k):
+    """Only a JSON integer 1..10: "3", true and 3.0 are refused, not converted."""
+    with pytest.raises(InputError) as e:
+        parse_top_k(top_k, 10)
+    assert e.value.reason == "top_k" and e.value.status == 400
+    assert str(e.value).startswith("top_k must be an integer 1..10, got ")
+
+
+def test_top_k_is_limited_by_the_number_of_classes():
+    assert parse_top_k(3, 10) == 3 and parse_top_k(10, 10) == 10
+    with pytest.raises(InputError, match=r"1\.\.4, got 5"):
+        parse_top_k(5, 4)
+
+
+def test_parse_predict_request_checks_images_and_top_k():
+    x, top_k = parse_predict_request({"images": [IMG, IMG]}, SPEC, 10)
+    assert x.shape == (2, 1, 28, 28) and top_k == 3  # top_k is optional
+    assert parse_predict_request({"images": [IMG], "top_k": 5}, SPEC, 10)[1] == 5
+    for payload, reason in [({"images": [IMG], "top_k": "5"}, "top_k"), ({"images": [IMG[:3]]}, "shape"),
+                            ({}, "missing"), ({"images": [IMG] * 3}, "too_many")]:
+        with pytest.raises(InputError) as e:
+            parse_predict_request(payload, SPEC, 10, max_images=2)
+        assert e.value.reason == reason, (payload, str(e.value))
 
 
 def test_good_labels():

@@ -1,0 +1,99 @@
+"""The guard's checks of a request before BentoML parses it: content type (415), body size (413, from
+Content-Length or counted while the body arrives) and the shape of a multipart upload (400).
+
+Each check raises the same InputError the endpoints raise, so every refusal is answered, counted and
+logged one way (service/guard.py).
+"""
+
+from __future__ import annotations
+
+from service.inference import InputError
+from service.routes import FILE, JSON, Route
+
+class ClientGone(Exception):
+    """The client disconnected before its body arrived: nothing to answer."""
+
+
+TAKES = {JSON: "application/json", FILE: "a multipart/form-data upload with the file in field 'file'"}
+
+
+def content_type(headers: dict[bytes, bytes]) -> str:
+    """The media type of a request, lower case, without parameters ('' when absent)."""
+    return headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+
+
+def check_content_type(route: Route, headers: dict[bytes, bytes]) -> None:
+    """JSON routes take application/json (or no content type); upload routes take multipart/form-data."""
+    ctype = content_type(headers)
+    allowed = ("", "application/json") if route.kind == JSON else ("multipart/form-data",)
+    if ctype not in allowed:
+        raise InputError(f"unsupported content type {ctype!r}; {route.path} takes {TAKES[route.kind]}",
+                         "content_type", 415)
+
+
+def declared_length(headers: dict[bytes, bytes], max_bytes: int) -> int | None:
+    """The body length the client declared (None when it sends chunks), refused when over `max_bytes`."""
+    length = headers.get(b"content-length")
+    if length is None:
+        return None
+    try:
+        n = int(length)
+    except ValueError:
+        raise InputError("invalid Content-Length header", "bad_header") from None
+    if n > max_bytes:
+        raise InputError(f"request body of {n} bytes is over the limit of {max_bytes} bytes (MAX_BODY_MB)",
+                         "too_large", 413)
+    return n
+
+
+async def read_body(receive, max_bytes: int) -> bytes:
+    """The whole body, counted against `max_bytes` while it arrives."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise InputError(f"request body is over the limit of {max_bytes} bytes (MAX_BODY_MB)", "too_large", 413)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def replay(body: bytes):
+    """An ASGI receive that hands a body read already on to the next app."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    return receive
+
+
+async def check_upload(scope, body: bytes) -> None:
+    """Exactly one uploaded file, in field 'file'. BentoML's own parser answers 500 to a binary part under
+    another field name, and downloads a URL sent as the text of field 'file': both are refused here."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    problem = None
+    try:
+        form = await Request(scope, replay(body)).form(max_files=1, max_fields=8)
+    except Exception as e:  # noqa: BLE001 - python-multipart and starlette raise several types for malformed bodies
+        problem = f"malformed multipart body ({e})"
+    else:
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile) and key != "file":
+                    problem = f"unexpected file in field {key!r}"
+                    break
+            files = form.getlist("file")
+            if problem is None and (len(files) != 1 or not isinstance(files[0], UploadFile)):
+                problem = "no file in field 'file'" if not files else "field 'file' must be one uploaded file, not text"
+        finally:
+            await form.close()
+    if problem:
+        raise InputError(f"{problem}; send the file as multipart form field 'file', e.g. curl -F file=@image.png",
+                         "multipart")

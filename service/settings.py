@@ -1,0 +1,159 @@
+"""The service's settings: one frozen dataclass, read once from the environment, every default visible.
+
+This is the only module of the service that reads the environment. WORKERS, MAX_CONCURRENCY and
+REQUEST_TIMEOUT reach BentoML as the @bentoml.service arguments; BentoML's own configuration (a
+BENTOML_CONFIG file, BENTOML_CONFIG_OVERRIDES, BENTOML_CONFIG_OPTIONS such as
+`services.imgclf.traffic.max_concurrency=64`) is merged over them and wins. `limits_in_force`
+reads BentoML's merged result, so what the service reports is what BentoML enforces.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Mapping
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value the service does not take; the message names it and what is allowed."""
+
+
+# --- parsers: raw text -> value, or ValueError("what is allowed") ----------------------------
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("a non-empty string")
+    return raw
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw or None  # MODEL_VERSION="" means "not pinned"
+
+
+def _number(cast: Callable, allowed: str, ok: Callable) -> Callable[[str], float]:
+    def parse(raw: str):
+        try:
+            value = cast(raw)
+        except ValueError:
+            raise ValueError(allowed) from None
+        if not ok(value):
+            raise ValueError(allowed)
+        return value
+    return parse
+
+
+_positive_int = _number(int, "a whole number >= 1", lambda v: v >= 1)
+_positive_float = _number(float, "a number > 0", lambda v: math.isfinite(v) and v > 0)
+_non_negative_float = _number(float, "a number >= 0 (0: off)", lambda v: math.isfinite(v) and v >= 0)
+_port = _number(int, "a port number 1..65535", lambda v: 1 <= v <= 65535)
+
+
+def _workers(raw: str) -> int | str:
+    return raw if raw == "cpu_count" else _number(int, "cpu_count or a whole number >= 1", lambda v: v >= 1)(raw)
+
+
+def _device(raw: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", raw):
+        raise ValueError("auto, cpu, cuda or cuda:N")
+    return raw
+
+
+def _flag(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError("0 (off) or 1 (on)")
+    return raw == "1"
+
+
+def _var(env: str, default, meaning: str, parse: Callable[[str], object]):
+    return field(default=default, metadata={"env": env, "meaning": meaning, "parse": parse})
+
+
+@dataclass(frozen=True)
+class Settings:
+    artifacts_dir: str = _var("ARTIFACTS_DIR", "artifacts",
+                              "where versions live (a built Bento serves its bundled copy)", _text)
+    model_name: str = _var("MODEL_NAME", "cnn", "which model", _text)
+    model_version: str | None = _var("MODEL_VERSION", None, "which version (unset: the promoted one, else the newest)",
+                                     _optional_text)
+    device: str = _var("DEVICE", "auto", "auto (a GPU when torch sees one), cpu, cuda or cuda:N", _device)
+    workers: int | str = _var("WORKERS", "cpu_count", "worker processes: a number, or cpu_count (one per core)",
+                              _workers)
+    max_images: int = _var("MAX_IMAGES", 1024, "images per JSON request (413 above)", _positive_int)
+    max_npz_images: int = _var("MAX_NPZ_IMAGES", 100_000, "images per .npz upload (413 above)", _positive_int)
+    max_body_mb: float = _var("MAX_BODY_MB", 64, "request body size in MiB (413 above)", _positive_float)
+    max_concurrency: int = _var("MAX_CONCURRENCY", 256, "requests in flight in the whole service; each worker takes "
+                                "ceil(MAX_CONCURRENCY / workers) of them and answers 429 above its share",
+                                _positive_int)
+    request_timeout: float = _var("REQUEST_TIMEOUT", 60, "seconds per request (504 after)", _positive_float)
+    torch_threads: int = _var("TORCH_THREADS", 1, "torch intra-op threads per worker (CPU)", _positive_int)
+    reload_poll_s: float = _var("RELOAD_POLL_S", 2, "seconds between checks for a newly promoted version (0: off)",
+                                _non_negative_float)
+    tracing: bool = _var("TRACING", False, "1: OpenTelemetry spans on the API routes too (they cost ~20% of a small "
+                         "request)", _flag)
+    port: int = _var("PORT", 3000, "HTTP port of `python -m service.cli serve`", _port)
+    host: str = _var("HOST", "0.0.0.0", "address `python -m service.cli serve` listens on", _text)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "Settings":
+        """The settings from `environ`; every invalid variable is named in one SettingsError."""
+        values, problems = {}, []
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as e:
+                problems.append(f"{f.metadata['env']} must be {e}, got {raw!r}")
+        if problems:
+            raise SettingsError("; ".join(problems))
+        return cls(**values)
+
+
+@functools.cache
+def get() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env(os.environ)
+
+
+def describe() -> str:
+    """One line per variable: name, default, meaning (the `--help` of `python -m service.cli serve`)."""
+    def shown(default) -> str:
+        return "unset" if default is None else str(int(default)) if isinstance(default, bool) else str(default)
+
+    return "\n".join(f"  {f.metadata['env']:<16}{shown(f.default):<10} {f.metadata['meaning']}" for f in fields(Settings))
+
+
+def serve_environment(root: Path) -> dict[str, str]:
+    """The environment `bentoml serve` runs in: this process's, with the project on PYTHONPATH."""
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def limits_in_force(settings: Settings, service: str) -> dict:
+    """The limits this worker enforces. The service's own come from `settings`; BentoML's (request timeout,
+    concurrency and the worker count it divides it by) from BentoML's merged configuration, read the way
+    _bentoml_impl/server/app.py reads it. Call it in a worker, after BentoML has loaded its configuration."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.resource import system_resources
+
+    config = BentoMLContainer.config.services[service].get()
+    traffic = config.get("traffic") or {}
+    workers = config.get("workers") or 1
+    if workers == "cpu_count":
+        workers = int(system_resources()["cpu"])
+    total = traffic.get("max_concurrency")
+    return {"max_images": settings.max_images, "max_npz_images": settings.max_npz_images,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_concurrency": total,
+            "max_concurrency_per_worker": math.ceil(total / max(workers, 1)) if total else None,
+            "workers": workers,
+            "request_timeout_s": float(traffic["timeout"])}
