@@ -26,7 +26,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
