@@ -1,11 +1,12 @@
 """Real servers for the tests and the benchmarks: a free port, a process group started and stopped
 as one, a wait until ready, and the wrk load generator with its figures parsed.
 
-    with Server({"MODEL_NAME": "lenet"}) as s:       # `bentoml serve` of the service, ready in the block
-        httpx.post(s.url + "/predict", ...)
-    figures = wrk(s.url + "/predict", body, connections=64, seconds=10)
+    with Server({"MODEL_NAME": "lenet"}) as s:  # `bentoml serve` of the service, ready in the block
+        httpx.post(s.url + "/predict", json=...)
+        figures = wrk(s.url + "/predict", body, connections=64, seconds=10)  # requests_per_s, p99_ms, ...
+    # stopped here, its workers too
 
-Tests and benchmarks import this module only; it holds no test assertions and imports no torch.
+Shared by tests/ and bench/, so it holds no test assertions and imports no torch.
 """
 
 from __future__ import annotations
