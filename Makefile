@@ -23,7 +23,7 @@ export ARTIFACTS_DIR MODEL_NAME MODEL_VERSION DEVICE WORKERS
 TRAIN_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	--artifacts-dir $(ARTIFACTS_DIR) $(ARGS)
 
-.PHONY: setup data train cv list promote test serve bench bento containerize clean-venv
+.PHONY: setup data train cv list promote lint test serve bench bento containerize clean-venv
 .PHONY: audit
 
 setup: $(STAMP)
@@ -55,6 +55,10 @@ list: setup
 
 promote: setup
 	$(PY) -m training promote --artifacts-dir $(ARTIFACTS_DIR) $(MODEL_NAME) $(MODEL_VERSION)
+
+# ruff, configured in pyproject.toml ([tool.ruff]), over every Python file of the checkout.
+lint: setup
+	$(PY) -m ruff check .
 
 # pytest exits 5 when it collected nothing: that is a failure here too.
 test: setup data

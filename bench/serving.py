@@ -14,12 +14,8 @@ import argparse
 import io
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,56 +25,19 @@ import httpx
 import numpy as np
 import torch
 
+from bench.harness import ROOT, SERVICE_CMD, Server, wrk
 from core import artifacts
 from core.models import forward_logits, preprocess
 from training.data import load_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-LUA = """wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local f = io.open(os.getenv("BODY_FILE"), "rb"); wrk.body = f:read("*a"); f:close()
-"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
-
-
-def _ms(text: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def wrk(url: str, connections: int, duration: int, body_file: Path, lua: Path) -> dict:
-    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{duration}s", "--latency",
-                          "--timeout", "10s", "-s", str(lua), url],
-                         capture_output=True, text=True, env={**os.environ, "BODY_FILE": str(body_file)},
-                         timeout=duration + 60)
-    text = out.stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", text, re.M))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    total = int(re.search(r"(\d+) requests in", text).group(1))
-    return {"requests_per_s": rps, "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]), "requests": total,
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-            "socket_errors": sum(map(int, errors.groups())) if errors else 0}
+def _wrk_figures(url: str, connections: int, duration: int, body: bytes) -> dict:
+    """One wrk run, the figures this benchmark keeps (socket errors summed)."""
+    r = wrk(url, body, connections, duration)
+    return {"requests_per_s": r["requests_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+            "requests": r["requests"], "non_2xx": r["non_2xx"], "socket_errors": sum(r["socket_errors"])}
 
 
 def in_process_throughput(loaded, images: np.ndarray, repeats: int = 3) -> float:
@@ -115,39 +74,34 @@ def main(argv=None) -> dict:
     version = folder.name
     ds = load_dataset("fashion_mnist")
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    body = tmp / "one.json"
-    body.write_text(json.dumps({"images": [ds.test_x[0, 0].tolist()]}))  # one 28x28 image
-    lua = tmp / "post.lua"
-    lua.write_text(LUA)
-    env = {**os.environ, "ARTIFACTS_DIR": str(Path(args.artifacts_dir).resolve()), "MODEL_NAME": args.model_name,
-           "MODEL_VERSION": version, "DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
-    py = sys.executable
+    body = json.dumps({"images": [ds.test_x[0, 0].tolist()]}).encode()  # one 28x28 image
+    env = {"ARTIFACTS_DIR": str(Path(args.artifacts_dir).resolve()), "MODEL_NAME": args.model_name,
+           "MODEL_VERSION": version, "PYTHONPATH": str(ROOT)}
     servers = {
-        "service": [py, "-m", "service.cli", "serve", "--port", "{port}"],
-        "baseline": [py, "-m", "uvicorn", "bench.baseline_app:app", "--host", "127.0.0.1", "--port", "{port}",
-                     "--no-access-log", "--log-level", "warning"],
+        "service": SERVICE_CMD,
+        "baseline": [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--no-access-log",
+                     "--log-level", "warning"],
     }
+
+    def answers_predict(url: str) -> bool:  # ready means: answers the benchmark's own request with 200
+        return httpx.post(url + "/predict", content=body, headers={"content-type": "application/json"},
+                          timeout=2).status_code == 200
+
     runs: list[dict] = []
     for rnd in range(1, args.rounds + 1):
         for target, cmd in servers.items():
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            proc = subprocess.Popen([c.format(port=port) for c in cmd], cwd=ROOT, env=env,
-                                    stdout=open(tmp / f"{target}-{rnd}.log", "w"), stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                wait_ready(base + "/predict", body, proc)
+            # WORKERS as the environment has it (make bench: cpu_count)
+            with Server(env, workers=None, cmd=cmd, log_path=tmp / f"{target}-{rnd}.log", probe=answers_predict,
+                        ready_timeout=180) as server:
                 for conns in args.connections:
-                    wrk(base + "/predict", conns, 2, body, lua)  # warm-up, discarded
-                    r = wrk(base + "/predict", conns, args.duration, body, lua)
+                    _wrk_figures(server.url + "/predict", conns, 2, body)  # warm-up, discarded
+                    r = _wrk_figures(server.url + "/predict", conns, args.duration, body)
                     r.update(target=target, round=rnd, connections=conns)
                     runs.append(r)
                     print(f"round {rnd} {target:8s} c={conns:<3d} {r['requests_per_s']:8.1f} req/s "
                           f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms non-2xx {r['non_2xx']}", flush=True)
                 if target == "service":
-                    runs.extend(_evaluate_run(base, ds, rnd))
-            finally:
-                stop(proc)
+                    runs.extend(_evaluate_run(server.url, ds, rnd))
     loaded = artifacts.load(args.artifacts_dir, args.model_name, version)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     inproc = [in_process_throughput(loaded, ds.test_x.numpy()) for _ in range(args.rounds)]
@@ -160,22 +114,6 @@ def main(argv=None) -> dict:
     print(f"saved {RESULTS}/serving-{stamp}.json and .png")
     shutil.rmtree(tmp, ignore_errors=True)
     return result
-
-
-def wait_ready(url: str, body: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    """Ready means: answers the benchmark's own request with 200."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready ({url})")
-        try:
-            if httpx.post(url, content=body.read_bytes(), headers={"content-type": "application/json"},
-                          timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
 def _evaluate_run(base: str, ds, rnd: int, warm: int = 4, timed: int = 5) -> list[dict]:
@@ -240,7 +178,8 @@ def table(res: dict) -> str:
              "p99 ratio | non-2xx (service / baseline) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['connections']} | {r['service_requests_per_s']:,.0f} | {r['baseline_requests_per_s']:,.0f} | "
+        lines.append(f"| {r['connections']} | {r['service_requests_per_s']:,.0f} | "
+                     f"{r['baseline_requests_per_s']:,.0f} | "
                      f"{r['rps_ratio']:.2f} | {r['service_p50_ms']:.1f} / {r['service_p99_ms']:.1f} | "
                      f"{r['baseline_p50_ms']:.1f} / {r['baseline_p99_ms']:.1f} | {r['p99_ratio']:.2f} | "
                      f"{r['service_non_2xx']} / {r['baseline_non_2xx']} |")

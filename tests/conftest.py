@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import Server  # noqa: E402
 from training.config import make_config  # noqa: E402
 
 # Keep 2-core machines responsive when several test processes or servers share them.
@@ -53,74 +54,6 @@ def lenet_version(tmp_path_factory):
     folder = train(cfg, log=lambda *_: None)
     manifest = json.loads((folder / "manifest.json").read_text())
     return root, "lenet", folder.name, manifest
-
-
-class Server:
-    """A real `bentoml serve` process of the service on a free localhost port."""
-
-    def __init__(self, env: dict, workers: int = 1, log_path: Path | None = None, cmd: list[str] | None = None,
-                 cwd: Path | None = None):
-        import socket
-        import subprocess
-        import tempfile
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="imgclf-server-", suffix=".log")[1])
-        # each server its own BENTOML_HOME: `bentoml serve` empties the Prometheus multiprocess
-        # folder there at start, which would wipe another running server's metrics
-        home = env.get("BENTOML_HOME") or tempfile.mkdtemp(prefix="bentoml-home-")
-        full_env = {**os.environ, "WORKERS": str(workers), "DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true", **env,
-                    "BENTOML_HOME": home}
-        cmd = cmd or [sys.executable, "-m", "service.cli", "serve"]
-        self.proc = subprocess.Popen([*cmd, "--port", str(self.port), "--host", "127.0.0.1"], cwd=cwd or ROOT, env=full_env,
-                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{self.log()[-3000:]}"
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"not ready after {timeout} s:\n{self.log()[-3000:]}")
-
-    def __enter__(self) -> "Server":
-        """`with Server(env) as s:` - ready inside the block, stopped after it (also when start-up fails)."""
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def lenet_env(lenet_version) -> dict:

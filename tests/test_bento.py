@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.harness import Server
 from core import artifacts
 from core.models import forward_logits, preprocess
-from tests.conftest import ROOT, Server
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 

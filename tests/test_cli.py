@@ -88,8 +88,9 @@ def test_help_lists_every_setting_with_its_default(capsys):
 
 
 def test_flags_reach_the_config_and_presets_never_beat_them(tmp_path, capsys):
-    from training.__main__ import _add_config_flags, _config
     import argparse
+
+    from training.__main__ import _add_config_flags, _config
 
     p = argparse.ArgumentParser()
     _add_config_flags(p)

@@ -48,7 +48,8 @@ def test_kubernetes_manifests_validate_strictly():
 def test_kubernetes_validation_catches_a_broken_manifest(tmp_path):
     """The check above can fail: a misspelt field is refused."""
     broken = tmp_path / "broken.yaml"
-    broken.write_text((DEPLOY / "kubernetes" / "deployment.yaml").read_text().replace("readinessProbe", "readynessProbe"))
+    manifest = (DEPLOY / "kubernetes" / "deployment.yaml").read_text()
+    broken.write_text(manifest.replace("readinessProbe", "readynessProbe"))
     kv = Path(shutil.which("kubernetes-validate") or Path(__file__).parents[1] / ".venv/bin/kubernetes-validate")
     r = _run(str(kv), "--strict", str(broken))
     assert r.returncode != 0

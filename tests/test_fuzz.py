@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Server, lenet_env
+from bench.harness import Server
+from tests.conftest import lenet_env
 
 API_ROUTES = ("/predict", "/evaluate", "/model_info", "/predict_image", "/evaluate_npz")
 REFUSALS = {"400", "413", "415", "429", "503"}

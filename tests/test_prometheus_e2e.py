@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
@@ -11,15 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.harness import free_port, stop, wait_ready
 from tests.test_deploy import DEPLOY, metric_names_used
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +28,18 @@ def prometheus(lenet_server, tmp_path_factory):
     assert target in config
     (d / "prometheus.yml").write_text(config)
     shutil.copy(DEPLOY / "prometheus" / "alerts.yml", d / "alerts.yml")
-    port = _free_port()
-    proc = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=open(d / "log", "w"),
-                            stderr=subprocess.STDOUT)
+    port = free_port()
+    with open(d / "log", "w") as log:
+        proc = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (d / "log").read_text()
-            try:
-                if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(lambda: httpx.get(url + "/-/ready", timeout=1).status_code == 200, proc, timeout=60,
+                   log=(d / "log").read_text)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop(proc, timeout=20)
 
 
 def _query(url: str, expr: str, timeout: float = 40) -> list:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -20,10 +19,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 
-from tests.conftest import ROOT, Server, lenet_env
+from bench.harness import Server, running, wrk
+from tests.conftest import ROOT, lenet_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +32,6 @@ ONE = {"images": [IMG]}
 
 def _random_images(n: int, seed: int = 0) -> list:
     return np.random.default_rng(seed).integers(0, 256, (n, 28, 28)).tolist()
-
-
-def _started(*servers: Server) -> None:
-    try:
-        for s in servers:
-            s.wait_ready()
-    except BaseException:
-        for s in servers:
-            s.stop()
-        raise
 
 
 def _recovers(server: Server, within: float = 10.0) -> float:
@@ -74,12 +63,8 @@ def limit_servers(lenet_version):
         "timeout": Server({**env, "REQUEST_TIMEOUT": "0.05"}),
         "one_at_a_time": Server({**env, "MAX_CONCURRENCY": "1"}),
     }
-    _started(*servers.values())
-    try:
+    with running(*servers.values()):
         yield servers
-    finally:
-        for s in servers.values():
-            s.stop()
 
 
 def test_body_over_max_body_mb_is_413_with_a_clear_message(limit_servers):
@@ -143,46 +128,10 @@ def test_over_max_concurrency_is_429_and_the_server_keeps_serving(limit_servers)
 # ------------------------------------------------------------------------------------------
 # 2. load and overload (wrk)
 
-WRK_LUA = """wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local f = io.open(os.getenv("BODY_FILE"), "rb"); wrk.body = f:read("*a"); f:close()
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init(args) codes = {} end
-function response(status, headers, body) codes[status] = (codes[status] or 0) + 1 end
-function done(summary, latency, requests)
-  for _, t in ipairs(threads) do
-    for k, v in pairs(t:get("codes")) do io.write(string.format("STATUS %d %d\\n", k, v)) end
-  end
-end
-"""
-
-
-def wrk(url: str, connections: int, seconds: int, tmp: Path) -> dict:
-    body, lua = tmp / "body.json", tmp / "post.lua"
-    body.write_text(json.dumps({"images": _random_images(1, seed=3)}))
-    lua.write_text(WRK_LUA)
-    out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
-                          "-s", str(lua), url], capture_output=True, text=True, timeout=seconds + 60,
-                         env={**os.environ, "BODY_FILE": str(body)})
-    text = out.stdout
-    assert out.returncode == 0, out.stdout + out.stderr
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    statuses = Counter()
-    for code, n in re.findall(r"^STATUS (\d+) (\d+)$", text, re.M):
-        statuses[int(code)] += int(n)
-    return {"requests": int(re.search(r"(\d+) requests in", text).group(1)),
-            "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
-            "socket_errors": tuple(map(int, errors.groups())) if errors else (0, 0, 0, 0),
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0, "statuses": statuses, "text": text}
-
-
-def worker_rss(server: Server) -> int:
-    """RSS in bytes of the process answering requests (the one worker: a child if there is one)."""
-    root = psutil.Process(server.proc.pid)
-    workers = [p for p in root.children(recursive=True) if "python" in p.name().lower()] or [root]
-    return max(p.memory_info().rss for p in workers)
+def _wrk(url: str, connections: int, seconds: int) -> dict:
+    """wrk POSTing one random image to `url`, every status code counted."""
+    return wrk(url, json.dumps({"images": _random_images(1, seed=3)}).encode(), connections, seconds, threads=2,
+               statuses=True)
 
 
 @pytest.fixture
@@ -191,13 +140,13 @@ def needs_wrk():
         pytest.fail("wrk is missing: apt-get install wrk")
 
 
-def test_60s_at_64_connections_answers_only_2xx_and_memory_returns_near_its_start(lenet_version, tmp_path, needs_wrk):
+def test_60s_at_64_connections_answers_only_2xx_and_memory_returns_near_its_start(lenet_version, needs_wrk):
     with Server(lenet_env(lenet_version), workers=1) as s:
-        warm = wrk(s.url + "/predict", 64, 5, tmp_path)
+        warm = _wrk(s.url + "/predict", 64, 5)
         assert warm["non_2xx"] == 0, warm["text"]
-        rss_before = worker_rss(s)
-        r = wrk(s.url + "/predict", 64, 60, tmp_path)
-        rss_after = worker_rss(s)
+        rss_before = s.worker_rss()
+        r = _wrk(s.url + "/predict", 64, 60)
+        rss_after = s.worker_rss()
         print(f"\nload: {r['requests']} requests, {r['requests_per_s']:.0f} req/s, non-2xx {r['non_2xx']}, "
               f"socket errors {r['socket_errors']}, worker RSS {rss_before / 2**20:.0f} MiB after warm-up, "
               f"{rss_after / 2**20:.0f} MiB after 60 s")
@@ -208,7 +157,7 @@ def test_60s_at_64_connections_answers_only_2xx_and_memory_returns_near_its_star
         _recovers(s, within=3)
 
 
-def test_overload_answers_only_200_429_or_503_and_recovers(lenet_version, tmp_path, needs_wrk):
+def test_overload_answers_only_200_429_or_503_and_recovers(lenet_version, needs_wrk):
     with Server({**lenet_env(lenet_version), "MAX_CONCURRENCY": "8"}, workers=1) as s:
         sampled: Counter = Counter()
         stop = threading.Event()
@@ -222,7 +171,7 @@ def test_overload_answers_only_200_429_or_503_and_recovers(lenet_version, tmp_pa
         for t in samplers:
             t.start()
         try:
-            r = wrk(s.url + "/predict", 128, 15, tmp_path)
+            r = _wrk(s.url + "/predict", 128, 15)
         finally:
             stop.set()
             for t in samplers:
@@ -264,55 +213,51 @@ def test_hot_reload_under_load_loses_no_request_and_refuses_a_corrupt_version(le
     shutil.copytree(Path(src_root) / name / v1, root / name / v1)
     v2 = _publish_variant(root, name, v1, 1e-3)
     artifacts.promote(root, name, v1)
-    s = Server({"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": "", "RELOAD_POLL_S": "0.5"},
-               workers=2)
-    _started(s)
-    answers: list[tuple[float, int, str | None]] = []
-    failures: list[BaseException] = []
-    stop = threading.Event()
+    with Server({"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": "", "RELOAD_POLL_S": "0.5"},
+                workers=2) as s:
+        answers: list[tuple[float, int, str | None]] = []
+        failures: list[BaseException] = []
+        stop = threading.Event()
 
-    def client():
-        with httpx.Client(timeout=15) as c:
-            while not stop.is_set():
-                try:
-                    r = c.post(s.url + "/predict", json=ONE)
-                    answers.append((time.monotonic(), r.status_code, r.json().get("model_version")))
-                except BaseException as e:  # noqa: BLE001 - a lost request is the failure we look for
-                    failures.append(e)
+        def client():
+            with httpx.Client(timeout=15) as c:
+                while not stop.is_set():
+                    try:
+                        r = c.post(s.url + "/predict", json=ONE)
+                        answers.append((time.monotonic(), r.status_code, r.json().get("model_version")))
+                    except BaseException as e:  # noqa: BLE001 - a lost request is the failure we look for
+                        failures.append(e)
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    try:
-        for t in threads:
-            t.start()
-        time.sleep(2)
-        promote_started = time.monotonic()  # the command imports torch first: the switch falls in between
-        out = subprocess.run([sys.executable, "-m", "training", "promote", "--artifacts-dir", str(root), name, v2],
-                             capture_output=True, text=True, cwd=ROOT, timeout=60)
-        assert out.returncode == 0, out.stdout + out.stderr
-        promoted_at = time.monotonic()
-        time.sleep(8)
-        # a corrupt version promoted by hand (promote itself refuses it): the workers keep serving v2
-        v3 = _publish_variant(root, name, v1, 2e-3)
-        weights = root / name / v3 / "model.safetensors"
-        data = bytearray(weights.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        weights.write_bytes(bytes(data))
-        (root / name / ".PROMOTED.tmp").write_text(v3 + "\n")
-        os.replace(root / name / ".PROMOTED.tmp", root / name / "PROMOTED")
-        corrupted_at = time.monotonic()
-        deadline = time.monotonic() + 20
-        while s.log().count("RELOAD FAILED") < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-        log = s.log()
+        threads = [threading.Thread(target=client) for _ in range(4)]
         try:
-            info = [httpx.get(s.url + "/model_info", timeout=10).json() for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(2)
+            promote_started = time.monotonic()  # the command imports torch first: the switch falls in between
+            out = subprocess.run([sys.executable, "-m", "training", "promote", "--artifacts-dir", str(root), name, v2],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=60)
+            assert out.returncode == 0, out.stdout + out.stderr
+            promoted_at = time.monotonic()
+            time.sleep(8)
+            # a corrupt version promoted by hand (promote itself refuses it): the workers keep serving v2
+            v3 = _publish_variant(root, name, v1, 2e-3)
+            weights = root / name / v3 / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            weights.write_bytes(bytes(data))
+            (root / name / ".PROMOTED.tmp").write_text(v3 + "\n")
+            os.replace(root / name / ".PROMOTED.tmp", root / name / "PROMOTED")
+            corrupted_at = time.monotonic()
+            deadline = time.monotonic() + 20
+            while s.log().count("RELOAD FAILED") < 2 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(2)
         finally:
-            s.stop()
+            stop.set()
+            for t in threads:
+                t.join(30)
+            log = s.log()
+            info = [httpx.get(s.url + "/model_info", timeout=10).json() for _ in range(4)]
 
     assert not failures, failures[:3]
     codes = Counter(code for _, code, _ in answers)

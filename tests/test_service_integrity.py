@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import Server
+from bench.harness import Server
 
 pytestmark = pytest.mark.slow
 

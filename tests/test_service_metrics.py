@@ -10,7 +10,8 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import Server, lenet_env
+from bench.harness import Server
+from tests.conftest import lenet_env
 from tests.test_deploy import metric_names_used
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,6 @@ def post(server, path, **kw) -> httpx.Response:
 def two_workers(lenet_version, tmp_path_factory):
     home = tmp_path_factory.mktemp("bentoml-home")  # its own: `bentoml serve` empties the metrics folder there
     with Server({**lenet_env(lenet_version), "BENTOML_HOME": str(home)}, workers=2) as s:
-        s.home = home
         yield s
 
 
