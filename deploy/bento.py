@@ -1,37 +1,59 @@
 """`make bento` and `make containerize`.
 
-    python -m deploy.bento build         # stage the chosen version into bundle/, then `bentoml build`
+    python -m deploy.bento build         # import the chosen version into BentoML's model store, then `bentoml build`
     python -m deploy.bento containerize [TAG]  # `bentoml containerize` where a container engine answers
 
-The version is chosen as the service chooses it (ARTIFACTS_DIR, MODEL_NAME, MODEL_VERSION;
-promoted else newest) and verified before it is copied. In the Bento the service finds
-bundle/bundle.json and serves exactly that version, whatever ARTIFACTS_DIR says.
+The version is chosen as the service chooses it (ARTIFACTS_DIR, MODEL_NAME, MODEL_VERSION; the
+champion, else the newest) and verified before it is imported as `imgclf-<name>:<version>` (labels:
+the aliases it holds; metadata: test accuracy and weights sha256), so `bentoml models list` shows it
+and `bentoml models export` carries it. The Bento references that tag; the service inside it finds
+the tag in its bento.yaml and serves exactly that version, whatever ARTIFACTS_DIR says, after
+verifying every file's hash again (service/store.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from core import artifacts
+import yaml
+
+from core import artifacts, registry
+from service import store
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLE = ROOT / "bundle"
 
 
-def stage(root: str, name: str, version: str | None) -> tuple[str, str]:
+def import_version(root: str, name: str, version: str | None) -> str:
+    """Verify the version and import it into the local model store (once); returns its tag."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
     folder = artifacts.resolve(root, name, version)
-    artifacts.verify(folder)
-    if BUNDLE.exists():
-        shutil.rmtree(BUNDLE)
-    dest = BUNDLE / "artifacts" / name / folder.name
-    shutil.copytree(folder, dest)
-    (BUNDLE / "bundle.json").write_text(json.dumps({"name": name, "version": folder.name}) + "\n")
-    return name, folder.name
+    manifest = artifacts.verify(folder)
+    tag = store.tag_for(name, folder.name)
+    try:
+        existing = bentoml.models.get(tag)
+    except NotFound:
+        existing = None
+    if existing is not None:
+        try:
+            artifacts.verify(store.artifacts_root(existing.path) / name / folder.name)
+            return tag
+        except artifacts.ArtifactError as e:  # a damaged copy in the store: replace it with the verified one
+            print(f"replacing {tag} in the model store: {e}", file=sys.stderr)
+            bentoml.models.delete(tag)
+    held = sorted(alias for alias, v in registry.aliases(root, name).items() if v == folder.name)
+    labels = {"project": "imgclf", "model": name, **{f"alias-{a}": "true" for a in held}}
+    metadata = {"test_accuracy": manifest.metrics.test_accuracy, "weights_sha256": manifest.weights_sha256,
+                "aliases": held, "architecture": manifest.model.arch}
+    with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
+        shutil.copytree(folder, store.artifacts_root(model.path) / name / folder.name)
+    return tag
 
 
 def bentoml_cli() -> str:
@@ -39,21 +61,23 @@ def bentoml_cli() -> str:
 
 
 def build() -> str:
-    name, version = stage(os.environ.get("ARTIFACTS_DIR", "artifacts"), os.environ.get("MODEL_NAME", "cnn"),
-                          os.environ.get("MODEL_VERSION") or None)
-    print(f"bundling {name}/{version}")
-    try:
-        out = subprocess.run([bentoml_cli(), "build", "-f", "bentofile.yaml", "--label", f"model={name}",
-                              "--label", f"model_version={version}", "-o", "tag"],
+    tag = import_version(os.environ.get("ARTIFACTS_DIR", "artifacts"), os.environ.get("MODEL_NAME", "cnn"),
+                         os.environ.get("MODEL_VERSION") or None)
+    print(f"model store: {tag}")
+    name, version = tag[len(store.PREFIX):].split(":", 1)
+    config = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    config["models"] = [tag]  # the one place the Bento learns which model it carries
+    with tempfile.TemporaryDirectory() as tmp:
+        bentofile = Path(tmp) / "bentofile.yaml"
+        bentofile.write_text(yaml.safe_dump(config, sort_keys=False))
+        out = subprocess.run([bentoml_cli(), "build", "-f", str(bentofile), "--label", f"model={name}",
+                              "--label", f"model_version={version}", "-o", "tag", str(ROOT)],
                              cwd=ROOT, capture_output=True, text=True)
-    finally:
-        # the staged copy is only for the build: left here, `make serve` would serve it
-        shutil.rmtree(BUNDLE, ignore_errors=True)
     if out.returncode != 0:
         sys.exit(f"bentoml build failed:\n{out.stdout}\n{out.stderr}")
-    tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    print(f"built Bento {tag} carrying {name}/{version}")
-    return tag
+    bento = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    print(f"built Bento {bento} carrying {tag}")
+    return bento
 
 
 def engine() -> str | None:
@@ -78,9 +102,12 @@ def containerize(tag: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["build"] and len(sys.argv) == 2:
-        build()
-    elif sys.argv[1:2] == ["containerize"] and len(sys.argv) <= 3:
-        containerize(*sys.argv[2:])
-    else:
-        sys.exit("usage: python -m deploy.bento build | containerize [BENTO_TAG]")
+    try:
+        if sys.argv[1:2] == ["build"] and len(sys.argv) == 2:
+            build()
+        elif sys.argv[1:2] == ["containerize"] and len(sys.argv) <= 3:
+            containerize(*sys.argv[2:])
+        else:
+            sys.exit("usage: python -m deploy.bento build | containerize [BENTO_TAG]")
+    except artifacts.ArtifactError as e:
+        sys.exit(f"error: {e}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import gc
 import inspect
-import json
 import logging
 import threading
 import time
@@ -24,7 +23,7 @@ from starlette.responses import JSONResponse
 from core import artifacts
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
-from service import metrics, settings
+from service import metrics, settings, store
 from service.guard import STATE, FastRoute, Guard
 from service.inference import (DEFAULT_TOP_K, MAX_TOP_K, Batcher, Classifier, InputError, decode_image_file,
                                parse_images, parse_labels, parse_npz, parse_predict_request, parse_top_k)
@@ -32,7 +31,7 @@ from service.routes import EVALUATE, EVALUATE_NPZ, MODEL_INFO, PREDICT, PREDICT_
 
 log = logging.getLogger("imgclf")
 log.setLevel(logging.INFO)  # BentoML's root handler passes WARNING+ only; our start-up lines are INFO
-BUNDLE = Path(__file__).resolve().parent.parent / "bundle"
+SRC = Path(__file__).resolve().parent.parent  # the checkout, or a built Bento's src/
 NAME = "imgclf"
 try:
     SETTINGS = settings.get()
@@ -42,12 +41,8 @@ _WANTS_GPU = SETTINGS.device.startswith("cuda") or (SETTINGS.device == "auto" an
 
 
 def choose_version() -> tuple[str, str, str | None]:
-    """(artifacts dir, model name, version or None); a built Bento serves exactly its bundled version."""
-    bundle = BUNDLE / "bundle.json"
-    if bundle.is_file():
-        b = json.loads(bundle.read_text())
-        return str(BUNDLE / "artifacts"), b["name"], b["version"]
-    return SETTINGS.artifacts_dir, SETTINGS.model_name, SETTINGS.model_version
+    """(artifacts dir, model name, version or None); a built Bento serves exactly the model it carries."""
+    return store.bento_model(SRC) or (SETTINGS.artifacts_dir, SETTINGS.model_name, SETTINGS.model_version)
 
 
 # --- answer models (what /docs.json shows; the answers themselves are built as plain dicts) ---
@@ -172,13 +167,14 @@ def with_model(method):
 )
 class ImageClassifier:
     def __init__(self) -> None:
-        root, name, version = choose_version()
         STATE.reset()
         self.limits = settings.limits_in_force(SETTINGS, NAME)  # BentoML's configuration is loaded by now
+        root, name, version = SETTINGS.artifacts_dir, SETTINGS.model_name, SETTINGS.model_version
         try:
+            root, name, version = choose_version()
             device = pick_device(SETTINGS.device)
             loaded = artifacts.load(root, name, version, device=device)
-        except (artifacts.ArtifactError, ValueError, RuntimeError, OSError) as e:
+        except (artifacts.ArtifactError, ValueError, RuntimeError, OSError, bentoml.exceptions.BentoMLException) as e:
             # Stay up and say why on /readyz (503) and in the log: a bad version is never served.
             STATE.load_error = f"model {name}/{version or '(promoted or newest)'} under {root} refused: {e}"
             log.error("NOT READY: %s", STATE.load_error)

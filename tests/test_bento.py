@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,16 +32,61 @@ def bento(lenet_version, tmp_path_factory):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     tag = out.stdout.strip().splitlines()[-1].split()[2]
-    path = Path(subprocess.run([str(Path(sys.executable).with_name("bentoml")), "get", tag, "-o", "path"], env=env,
-                               capture_output=True, text=True, check=True).stdout.strip())
-    assert not (ROOT / "bundle").exists(), "the staging folder must not stay behind in the checkout"
+    path = Path(_bentoml("get", tag, "-o", "path", env=env).stdout.strip())
     return tag, path, env, version
 
 
-def test_bento_holds_weights_dockerfile_and_only_what_it_needs(bento):
+def _bentoml(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("bentoml")), *args], env=env, capture_output=True,
+                          text=True, check=True)
+
+
+def _stored_version(env: dict, name: str, version: str) -> Path:
+    """The version's folder inside BentoML's model store (where the Bento's service reads it)."""
+    return Path(env["BENTOML_HOME"]) / "models" / f"imgclf-{name}" / version / "artifact" / name / version
+
+
+def test_make_bento_imports_the_version_into_bentomls_model_store(bento, lenet_version, tmp_path):
+    import yaml
+
+    tag, path, env, version = bento
+    root, name, _, manifest = lenet_version
+    listed = _bentoml("models", "list", "-o", "json", env=env).stdout
+    assert f"imgclf-{name}:{version}" in listed
+    info = yaml.safe_load(_bentoml("models", "get", f"imgclf-{name}:{version}", "-o", "yaml", env=env).stdout)
+    assert info["metadata"]["weights_sha256"] == manifest["weights_sha256"]
+    assert info["metadata"]["test_accuracy"] == manifest["test_accuracy"]
+    assert info["labels"]["model"] == name
+    # the stored copy is the whole version, verified by the same code as under artifacts/
+    artifacts.verify(_stored_version(env, name, version))
+    # the Bento references the model by tag instead of carrying a staged copy of the files in its source
+    bento_yaml = yaml.safe_load((path / "bento.yaml").read_text())
+    assert [m["tag"] for m in bento_yaml["models"]] == [f"imgclf-{name}:{version}"]
+    assert not list(path.glob("src/**/*.safetensors"))
+    exported = tmp_path / "model.bentomodel"
+    _bentoml("models", "export", f"imgclf-{name}:{version}", str(exported), env=env)
+    assert exported.stat().st_size > (root / name / version / "model.safetensors").stat().st_size
+
+
+def test_a_flipped_byte_in_the_model_stores_copy_is_refused_before_serving(bento, tmp_path):
+    tag, path, env, version = bento
+    home = tmp_path / "home"
+    shutil.copytree(env["BENTOML_HOME"], home, symlinks=True)  # damage a copy, not the module's store
+    copy_env = {**env, "BENTOML_HOME": str(home)}
+    weights = _stored_version(copy_env, "lenet", version) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    server = Server({**copy_env, "PYTHONPATH": ""}, cmd=[str(Path(sys.executable).with_name("bentoml")), "serve", tag],
+                    cwd=tmp_path, probe=lambda url: httpx.get(url + "/livez", timeout=2).status_code == 200)
+    with server:
+        r = httpx.get(server.url + "/readyz", timeout=10)
+        assert r.status_code == 503 and "model.safetensors" in r.text, r.text
+        assert httpx.post(server.url + "/predict", json={"images": [[[0] * 28] * 28]}, timeout=10).status_code == 503
+
+
+def test_bento_holds_dockerfile_and_only_what_it_needs(bento):
     tag, path, _, version = bento
-    weights = list(path.glob("src/bundle/artifacts/lenet/*/model.safetensors"))
-    assert [w.parent.name for w in weights] == [version]
     assert (path / "env" / "docker" / "Dockerfile").is_file()
     dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
     assert "python:3.11" in dockerfile
@@ -65,7 +111,7 @@ def test_bento_serves_its_own_version_from_another_folder(bento, fashion, tmp_pa
         assert r.status_code == 200, r.text
         got = r.json()
         assert got["model_version"] == version
-        loaded = artifacts.load(path / "src" / "bundle" / "artifacts", "lenet", version)
+        loaded = artifacts.load(_stored_version(env, "lenet", version).parent.parent, "lenet", version)
         with torch.inference_mode():
             pred = forward_logits(loaded.model, preprocess(x, loaded.manifest.input)).argmax(1)
         assert got["n"] == 500
