@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -53,7 +54,7 @@ def test_make_bento_imports_the_version_into_bentomls_model_store(bento, lenet_v
     root, name, _, manifest = lenet_version
     listed = _bentoml("models", "list", "-o", "json", env=env).stdout
     assert f"imgclf-{name}:{version}" in listed
-    info = yaml.safe_load(_bentoml("models", "get", f"imgclf-{name}:{version}", "-o", "yaml", env=env).stdout)
+    info = json.loads(_bentoml("models", "get", f"imgclf-{name}:{version}", "-o", "json", env=env).stdout)
     assert info["metadata"]["weights_sha256"] == manifest["weights_sha256"]
     assert info["metadata"]["test_accuracy"] == manifest["test_accuracy"]
     assert info["labels"]["model"] == name
