@@ -12,8 +12,16 @@ import torch
 
 from core import artifacts
 from core.metrics import confusion_matrix
-from service.inference import (Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz,
-                               parse_predict_request, parse_top_k)
+from service.inference import (
+    Classifier,
+    InputError,
+    decode_image_file,
+    parse_images,
+    parse_labels,
+    parse_npz,
+    parse_predict_request,
+    parse_top_k,
+)
 
 SPEC = {"channels": 1, "height": 28, "width": 28, "scale": 255.0, "mean": [0.286], "std": [0.353]}
 RGB = {**SPEC, "channels": 3}
