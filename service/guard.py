@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError

@@ -10,6 +10,7 @@ from __future__ import annotations
 from service.inference import InputError
 from service.routes import FILE, JSON, Route
 
+
 class ClientGone(Exception):
     """The client disconnected before its body arrived: nothing to answer."""
 

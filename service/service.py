@@ -25,8 +25,19 @@ from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
 from service import metrics, settings, store
 from service.guard import STATE, FastRoute, Guard
-from service.inference import (DEFAULT_TOP_K, MAX_TOP_K, Batcher, Classifier, InputError, decode_image_file,
-                               parse_images, parse_labels, parse_npz, parse_predict_request, parse_top_k)
+from service.inference import (
+    DEFAULT_TOP_K,
+    MAX_TOP_K,
+    Batcher,
+    Classifier,
+    InputError,
+    decode_image_file,
+    parse_images,
+    parse_labels,
+    parse_npz,
+    parse_predict_request,
+    parse_top_k,
+)
 from service.routes import EVALUATE, EVALUATE_NPZ, MODEL_INFO, PREDICT, PREDICT_IMAGE, ROUTES, Route
 
 log = logging.getLogger("imgclf")

@@ -13,9 +13,9 @@ import functools
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Mapping
 
 
 class SettingsError(ValueError):
@@ -102,7 +102,7 @@ class Settings:
         return int(self.max_body_mb * 1024 * 1024)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """The settings from `environ`; every invalid variable is named in one SettingsError."""
         values, problems = {}, []
         for f in fields(cls):

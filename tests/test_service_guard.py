@@ -18,10 +18,10 @@ from service.inference import InputError
 from service.routes import FILE, JSON, ROUTES
 
 
-def _record(exc: BaseException) -> logging.LogRecord:
+def _record(exc: Exception) -> logging.LogRecord:
     try:
         raise exc
-    except BaseException:
+    except type(exc):
         return logging.LogRecord("bentoml._internal.server.http_app", logging.ERROR, __file__, 1,
                                  "Exception on %s [%s]", ("/predict", "POST"), sys.exc_info())
 

@@ -14,8 +14,16 @@ import torch
 from core import artifacts
 from core.manifest import InputSpec
 from core.metrics import confusion_matrix
-from service.inference import (Classifier, InputError, decode_image_file, parse_images, parse_labels, parse_npz,
-                               parse_predict_request, parse_top_k)
+from service.inference import (
+    Classifier,
+    InputError,
+    decode_image_file,
+    parse_images,
+    parse_labels,
+    parse_npz,
+    parse_predict_request,
+    parse_top_k,
+)
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.286,), std=(0.353,))
 RGB = dataclasses.replace(SPEC, channels=3)

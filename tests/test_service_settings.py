@@ -87,7 +87,7 @@ def test_only_settings_reads_the_environment():
 def test_docs_table_lists_every_setting():
     text = (ROOT / "docs" / "serving.md").read_text()
     table = text.split("## Settings")[1].split("\n## ")[0]
-    documented = re.findall(r"^\| `([A-Z_]+)` \|", table, re.M)
+    documented = re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE)
     assert documented == [f.metadata["env"] for f in dataclasses.fields(Settings)]
 
 
