@@ -9,6 +9,7 @@ artifact format is a change to this file (and to the writer that fills it in tra
       input: InputSpec          what one image is and how it is normalised
       dataset: DatasetRecord    which data and split sizes
       metrics: OfflineMetrics   test-set figures, all derived from one confusion matrix
+        calibration: Calibration  the temperature the service divides logits by, and test-set ECE
       training: TrainingRecord  config, seed, libraries, history, fit verdict
       files                     every file of the version and its sha256
 
@@ -69,13 +70,30 @@ class DatasetRecord:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling (Guo et al., 2017) and the test-set reliability of what is served.
+
+    Served probabilities are softmax(logits / temperature) (core.models.probabilities); T > 0 only
+    rescales the logits, so the argmax, and with it every accuracy figure, is the same as at T = 1.
+    `ece`, `n_bins` and `bins` describe those served probabilities on the test set. Manifests written
+    before temperature scaling have no temperature: they read as 1.0, the plain softmax they served.
+    """
+    ece: float                             # expected calibration error of the served probabilities, test set
+    n_bins: int
+    bins: list[dict]                       # equal-width confidence bins: lower, upper, count, confidence, accuracy
+    temperature: float = 1.0               # fitted on the validation split, never on the test set
+    ece_uncalibrated: float | None = None  # the same ECE at temperature 1.0
+    fitted_on: str = ""                    # how the temperature was chosen, or why it is 1.0
+
+
+@dataclass(frozen=True)
 class OfflineMetrics:
     """Test-set figures; accuracy, `n` and `correct` all come from the confusion matrix."""
     test_accuracy: float
     test_loss: float
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted, raw counts
     per_class: list[dict]
-    calibration: dict
+    calibration: Calibration
 
     @property
     def n(self) -> int:
@@ -164,7 +182,9 @@ class Manifest:
                 classes=tuple(d["classes"]),
                 input=_record(InputSpec, {**inp, "mean": tuple(inp["mean"]), "std": tuple(inp["std"])}, "input"),
                 dataset=_record(DatasetRecord, d["dataset"], "dataset"),
-                metrics=_record(OfflineMetrics, {k: d[k] for k in me_keys}, "metrics"),
+                metrics=_record(OfflineMetrics, {**{k: d[k] for k in me_keys},
+                                                 "calibration": _record(Calibration, d["calibration"], "calibration")},
+                                "metrics"),
                 training=_record(TrainingRecord, {k: d[k] for k in tr_keys if k in d}, "training record"),
                 weights_sha256=d["weights_sha256"], files=dict(d["files"]), schema_version=schema,
             )

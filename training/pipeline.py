@@ -20,9 +20,9 @@ import torchvision
 
 from core import artifacts
 from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
-from core.metrics import calibration, per_class
+from core.metrics import per_class
 from core.models import build_model, pick_device
-from training import report
+from training import calibrate, report
 from training.config import TrainConfig
 from training.data import channel_stats, load_dataset, split
 from training.engine import Batches, FitState, evaluate, fit, fit_verdict, load_checkpoint
@@ -98,7 +98,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
 def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criterion, train_b: Batches,
                          val_b: Batches, test_b: Batches, input_spec: InputSpec, state: FitState, seconds: float,
                          distributed: dict | None = None) -> Path:
-    """The final test evaluation and the published version (train() and training.distributed share it)."""
+    """The final test evaluation and the published version (train() and training.distributed share it).
+
+    The calibration temperature is fitted on the validation split's logits before the test set's are
+    looked at (training.calibrate); the test set only measures the result."""
+    val_logits = evaluate(model, criterion, val_b, len(ds.classes), tta_flip=cfg.tta_flip)["logits"]
     test = evaluate(model, criterion, test_b, len(ds.classes), tta_flip=cfg.tta_flip)
     cm = test["confusion_matrix"]
     manifest = Manifest(
@@ -110,7 +114,8 @@ def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criteri
                               test_is_full_official_set=len(test_b) == len(ds.test_y)),
         metrics=OfflineMetrics(test_accuracy=float(cm.trace()) / int(cm.sum()), test_loss=test["loss"],
                                confusion_matrix=cm.tolist(), per_class=per_class(cm, ds.classes),
-                               calibration=calibration(test["probs"], test_b.y.cpu())),
+                               calibration=calibrate.calibration_block(val_logits, val_b.y.cpu(), test["logits"],
+                                                                       test_b.y.cpu())),
         training=TrainingRecord(
             config=cfg.to_dict(), seed=cfg.seed,
             libraries={"python": platform.python_version(), "torch": torch.__version__,
