@@ -67,6 +67,9 @@ class DatasetRecord:
     val: int
     test: int
     test_is_full_official_set: bool
+    # sha256 of every data file read, by file name inside `source`; a replay refuses other bytes.
+    # Empty in manifests written before the hashes were recorded.
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class TrainingRecord:
     history: list[dict]
     verdict: dict
     distributed: dict | None = None  # world size, backend, images per rank (training.distributed)
+    replay_of: str | None = None     # "NAME/VERSION" whose recorded config this run replayed (training.replay)
 
 
 @dataclass(frozen=True)
@@ -151,8 +155,9 @@ class Manifest:
             "dataset": dataclasses.asdict(self.dataset),
         }
         training = dataclasses.asdict(self.training)
-        if training["distributed"] is None:
-            del training["distributed"]
+        for optional in ("distributed", "replay_of"):  # absent unless set, as in manifests written before them
+            if training[optional] is None:
+                del training[optional]
         d.update(training)
         d.update(dataclasses.asdict(self.metrics))
         d.update(schema_version=self.schema_version, name=self.name, version=self.version,

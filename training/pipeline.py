@@ -68,8 +68,10 @@ def prepare(cfg: TrainConfig, train_idx=None, val_idx=None):
     return ds, device, train, val, test, model, criterion, optimizer, scheduler, gen, input_spec
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
-    """Train by `cfg`, evaluate on the official test set, publish a version; returns its folder."""
+def train(cfg: TrainConfig, log=print, replay_of: str | None = None) -> Path:
+    """Train by `cfg`, evaluate on the official test set, publish a version; returns its folder.
+
+    replay_of: "NAME/VERSION" when training.replay reruns that version's config (recorded in the manifest)."""
     started = time.perf_counter()
     ds, device, train_b, val_b, test_b, model, criterion, optimizer, scheduler, gen, input_spec = prepare(cfg)
     name = artifacts.check_name(cfg.resolved_name(), "model name")
@@ -89,7 +91,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 log=lambda r: log(json.dumps(r)))
     seconds = time.perf_counter() - started
     folder = evaluate_and_publish(cfg, name, ds, device, model, criterion, train_b, val_b, test_b, input_spec,
-                                  state, seconds)
+                                  state, seconds, replay_of=replay_of)
     if ckpt.exists():
         shutil.rmtree(ckpt)
     return folder
@@ -97,7 +99,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criterion, train_b: Batches,
                          val_b: Batches, test_b: Batches, input_spec: InputSpec, state: FitState, seconds: float,
-                         distributed: dict | None = None) -> Path:
+                         distributed: dict | None = None, replay_of: str | None = None) -> Path:
     """The final test evaluation and the published version (train() and training.distributed share it).
 
     The calibration temperature is fitted on the validation split's logits before the test set's are
@@ -111,7 +113,7 @@ def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criteri
         classes=tuple(ds.classes),
         input=input_spec,
         dataset=DatasetRecord(ds.name, ds.source, len(train_b), len(val_b), len(test_b),
-                              test_is_full_official_set=len(test_b) == len(ds.test_y)),
+                              test_is_full_official_set=len(test_b) == len(ds.test_y), files=dict(ds.files)),
         metrics=OfflineMetrics(test_accuracy=float(cm.trace()) / int(cm.sum()), test_loss=test["loss"],
                                confusion_matrix=cm.tolist(), per_class=per_class(cm, ds.classes),
                                calibration=calibrate.calibration_block(val_logits, val_b.y.cpu(), test["logits"],
@@ -123,7 +125,8 @@ def evaluate_and_publish(cfg: TrainConfig, name: str, ds, device, model, criteri
                        "safetensors": safetensors.__version__},
             git_commit=_git_commit(), device=str(device), training_seconds=round(seconds, 2),
             stopped_early=state.stopped_early, best_epoch=state.best_epoch, history=state.history,
-            verdict=fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap), distributed=distributed),
+            verdict=fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap), distributed=distributed,
+            replay_of=replay_of),
     )
     return artifacts.publish(cfg.artifacts_dir, name, model.state_dict(), manifest, write_extras=_write_extras)
 
