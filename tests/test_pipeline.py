@@ -46,6 +46,8 @@ def _check_version(folder: Path) -> dict:
     assert [json.loads(x) for x in lines] == m["history"]
     assert m["verdict"]["verdict"] in ("underfitting", "overfitting", "good_fit")
     assert m["calibration"]["n_bins"] == 15 and 0 <= m["calibration"]["ece"] <= 1
+    assert m["calibration"]["temperature"] > 0 and 0 <= m["calibration"]["ece_uncalibrated"] <= 1
+    assert len(m["dataset"]["files"]) == 4  # the sha256 of the four idx files trained on
     return m
 
 
