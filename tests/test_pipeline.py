@@ -172,3 +172,7 @@ def test_headline_lenet_two_epochs_on_the_full_test_set(lenet_version):
     assert m["config"]["model"] == "lenet" and m["config"]["epochs"] == 2 and len(m["history"]) == 2
     assert m["dataset"]["train"] + m["dataset"]["val"] == 60000
     assert artifacts.load(root, name).version == version
+    # temperature scaling, fitted on the 6,000 validation images, lowers the test set's ECE
+    # (2026-11-30, AMD EPYC: T 0.6827, ECE 0.0168 against 0.0860 at T = 1)
+    c = m["calibration"]
+    assert c["ece"] < c["ece_uncalibrated"], c
