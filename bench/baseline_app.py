@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.artifacts import load
-from core.models import forward_logits, preprocess
+from core.models import forward_logits, preprocess, probabilities
 
 torch.set_num_threads(1)
 _m = load(os.environ.get("ARTIFACTS_DIR", "artifacts"), os.environ.get("MODEL_NAME", "lenet"),
@@ -27,7 +27,7 @@ async def predict(request: Request) -> JSONResponse:
     x = torch.tensor(body["images"], dtype=torch.float32)  # (N, H, W)
     x = preprocess(x.view(x.shape[0], *_spec.shape), _spec)
     with torch.inference_mode():
-        probs = forward_logits(_m.model, x, _tta).softmax(1)
+        probs = probabilities(forward_logits(_m.model, x, _tta), _m.manifest.metrics.calibration.temperature)
     p, idx = probs.max(1)
     return JSONResponse({"model_version": _m.version, "predictions": [
         {"label": int(i), "class_name": _classes[int(i)], "probability": float(q)} for q, i in zip(p, idx)]})

@@ -9,6 +9,7 @@ artifact format is a change to this file (and to the writer that fills it in tra
       input: InputSpec          what one image is and how it is normalised
       dataset: DatasetRecord    which data and split sizes
       metrics: OfflineMetrics   test-set figures, all derived from one confusion matrix
+        calibration: Calibration  the temperature the service divides logits by, and test-set ECE
       training: TrainingRecord  config, seed, libraries, history, fit verdict
       test_predictions          the file with the predicted class of every test image (None: an
                                 older version; core.registry recomputes them on demand)
@@ -68,6 +69,26 @@ class DatasetRecord:
     val: int
     test: int
     test_is_full_official_set: bool
+    # sha256 of every data file read, by file name inside `source`; a replay refuses other bytes.
+    # Empty in manifests written before the hashes were recorded.
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling (Guo et al., 2017) and the test-set reliability of what is served.
+
+    Served probabilities are softmax(logits / temperature) (core.models.probabilities); T > 0 only
+    rescales the logits, so the argmax, and with it every accuracy figure, is the same as at T = 1.
+    `ece`, `n_bins` and `bins` describe those served probabilities on the test set. Manifests written
+    before temperature scaling have no temperature: they read as 1.0, the plain softmax they served.
+    """
+    ece: float                             # expected calibration error of the served probabilities, test set
+    n_bins: int
+    bins: list[dict]                       # equal-width confidence bins: lower, upper, count, confidence, accuracy
+    temperature: float = 1.0               # fitted on the validation split, never on the test set
+    ece_uncalibrated: float | None = None  # the same ECE at temperature 1.0
+    fitted_on: str = ""                    # how the temperature was chosen, or why it is 1.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +98,7 @@ class OfflineMetrics:
     test_loss: float
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted, raw counts
     per_class: list[dict]
-    calibration: dict
+    calibration: Calibration
 
     @property
     def n(self) -> int:
@@ -101,6 +122,7 @@ class TrainingRecord:
     history: list[dict]
     verdict: dict
     distributed: dict | None = None  # world size, backend, images per rank (training.distributed)
+    replay_of: str | None = None     # "NAME/VERSION" whose recorded config this run replayed (training.replay)
 
 
 @dataclass(frozen=True)
@@ -138,8 +160,9 @@ class Manifest:
             "dataset": dataclasses.asdict(self.dataset),
         }
         training = dataclasses.asdict(self.training)
-        if training["distributed"] is None:
-            del training["distributed"]
+        for optional in ("distributed", "replay_of"):  # absent unless set, as in manifests written before them
+            if training[optional] is None:
+                del training[optional]
         d.update(training)
         d.update(dataclasses.asdict(self.metrics))
         d.update(schema_version=self.schema_version, name=self.name, version=self.version,
@@ -171,7 +194,9 @@ class Manifest:
                 classes=tuple(d["classes"]),
                 input=_record(InputSpec, {**inp, "mean": tuple(inp["mean"]), "std": tuple(inp["std"])}, "input"),
                 dataset=_record(DatasetRecord, d["dataset"], "dataset"),
-                metrics=_record(OfflineMetrics, {k: d[k] for k in me_keys}, "metrics"),
+                metrics=_record(OfflineMetrics, {**{k: d[k] for k in me_keys},
+                                                 "calibration": _record(Calibration, d["calibration"], "calibration")},
+                                "metrics"),
                 training=_record(TrainingRecord, {k: d[k] for k in tr_keys if k in d}, "training record"),
                 weights_sha256=d["weights_sha256"], files=dict(d["files"]), schema_version=schema,
                 test_predictions=_optional_str(d.get("test_predictions"), "test_predictions"),

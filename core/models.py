@@ -153,6 +153,17 @@ def normalise(x01: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
     return (x01 - mean) / std
 
 
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) over classes: (N, K) -> (N, K), the probabilities every caller reports.
+
+    T is the manifest's calibration temperature (1.0: the plain softmax). Training's test
+    evaluation and the service both call this, so the served probabilities are the ones whose
+    calibration the manifest measured. T > 0 rescales only, so the argmax is the logits' argmax.
+    """
+    assert temperature > 0, temperature
+    return (logits / temperature).softmax(1)
+
+
 def preprocess(images: torch.Tensor, input_spec) -> torch.Tensor:
     """uint8-range pixels (N, C, H, W) -> the normalised float batch the model was trained on.
 

@@ -30,14 +30,14 @@ def tiny_config(tmp_path: Path, **overrides):
 
 def tiny_manifest(test_accuracy: float = 0.5):
     """A complete manifest of a 3-class MLP on 1x4x4 inputs (publish fills in name, version, hash, files)."""
-    from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
+    from core.manifest import Calibration, DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
 
     return Manifest(
         name="", version="", created_at="2026-01-01T00:00:00+00:00",
         model=ModelSpec("mlp", {"hidden": [8]}), classes=("a", "b", "c"),
         input=InputSpec(channels=1, height=4, width=4, mean=(0.5,), std=(0.25,)),
         dataset=DatasetRecord("tiny", "made here", 8, 0, 4, False),
-        metrics=OfflineMetrics(test_accuracy, 1.0, [[1, 1, 0], [0, 1, 0], [0, 0, 1]], [], {}),
+        metrics=OfflineMetrics(test_accuracy, 1.0, [[1, 1, 0], [0, 1, 0], [0, 0, 1]], [], Calibration(0.0, 15, [])),
         training=TrainingRecord({}, 0, {}, None, "cpu", 0.0, False, 0, [], {}))
 
 

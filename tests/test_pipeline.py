@@ -50,6 +50,8 @@ def _check_version(folder: Path) -> dict:
     preds = load_file(folder / m["test_predictions"])  # per-image test predictions, hashed like every file
     assert preds["predictions"].shape == preds["labels"].shape == (n,) and m["test_predictions"] in m["files"]
     assert int((preds["predictions"] == preds["labels"]).sum()) == sum(cm[i][i] for i in range(len(cm)))
+    assert m["calibration"]["temperature"] > 0 and 0 <= m["calibration"]["ece_uncalibrated"] <= 1
+    assert len(m["dataset"]["files"]) == 4  # the sha256 of the four idx files trained on
     return m
 
 
@@ -174,3 +176,7 @@ def test_headline_lenet_two_epochs_on_the_full_test_set(lenet_version):
     assert m["config"]["model"] == "lenet" and m["config"]["epochs"] == 2 and len(m["history"]) == 2
     assert m["dataset"]["train"] + m["dataset"]["val"] == 60000
     assert artifacts.load(root, name).version == version
+    # temperature scaling, fitted on the 6,000 validation images, lowers the test set's ECE
+    # (2026-11-30, AMD EPYC: T 0.6827, ECE 0.0168 against 0.0860 at T = 1)
+    c = m["calibration"]
+    assert c["ece"] < c["ece_uncalibrated"], c

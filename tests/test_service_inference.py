@@ -288,15 +288,19 @@ def test_top_k_is_checked(classifier):
 
 
 def test_predict_equals_a_direct_computation_with_the_model(classifier, test_set, lenet_version):
-    """The served probabilities are the model's softmax on the manifest's normalisation, written out here."""
+    """The served probabilities are softmax(logits / T) on the manifest's normalisation, with the manifest's
+    calibration temperature T, written out here."""
     root, name, version, manifest = lenet_version
     loaded = artifacts.load(root, name, version)
     spec = manifest["input"]
     x = test_set[0][:300]
     mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
+    t = manifest["calibration"]["temperature"]
     with torch.no_grad():
-        probs = loaded.model.eval()((torch.from_numpy(x).float() / 255.0 - mean) / std).softmax(1)
+        logits = loaded.model.eval()((torch.from_numpy(x).float() / 255.0 - mean) / std)
+    probs = (logits / t).softmax(1)
+    assert torch.equal(probs.argmax(1), logits.argmax(1))
     preds = classifier.predict(x, top_k=3)
     assert [p["label"] for p in preds] == probs.argmax(1).tolist()
     got = torch.tensor([p["probability"] for p in preds])

@@ -1,5 +1,7 @@
 """python -m training {train,cv,list,aliases,promote,rollback,compare} -- the CLI behind `make train`.
 
+`train --from-version NAME/VERSION` replays a published version's recorded config (training.replay).
+
 Flags are generated from TrainConfig, so every setting has exactly one name and one default.
 The registry commands are a thin layer over core.registry. Exit codes: 0 done, 2 an error (bad name,
 missing or corrupt version, versions that cannot be compared), 3 refused by the registry (the champion
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", allow_abbrev=False, help="train a model and publish a new artifact version")
     _add_config_flags(p_train)
+    p_train.add_argument("--from-version", metavar="NAME/VERSION", default=None,
+                         help="rerun that version's recorded config on data with the recorded sha256 and publish a "
+                              "new version; only --artifacts-dir and --data-dir may be given with it")
     p_cv = sub.add_parser("cv", allow_abbrev=False,
                           help="k-fold cross-validation on the training set; writes a report")
     _add_config_flags(p_cv)
@@ -184,15 +189,33 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if ns.command == "train":
-            from training.pipeline import train
-            cfg = _config(ns)
-            folder = train(cfg)
+            original = None
+            if ns.from_version:
+                from training.replay import REPLAY_OVERRIDES, replay
+                given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
+                         if getattr(ns, f.name) is not None and f.name not in REPLAY_OVERRIDES]
+                if given or ns.dry_run:
+                    raise ValueError(f"--from-version reruns the recorded config; only --artifacts-dir and "
+                                     f"--data-dir may be given with it, not {', '.join(given or ['--dry-run'])}")
+                folder, original = replay(ns.from_version, ns.artifacts_dir or TrainConfig.artifacts_dir, ns.data_dir)
+            else:
+                from training.pipeline import train
+                folder = train(_config(ns))
             m = artifacts.verify(folder)
             verdict, test = m.training.verdict, m.metrics
+            cal = test.calibration
+            print(f"calibration: temperature {cal.temperature:.4f}, test ECE {cal.ece:.4f} "
+                  f"({cal.ece_uncalibrated:.4f} at temperature 1); {cal.fitted_on}")
             print(f"fit: {verdict['verdict']} ({verdict['reason']})")
             print(f"published {folder}")
             print(f"test accuracy {test.test_accuracy:.4f} ({test.correct}/{test.n}), test loss {test.test_loss:.4f}, "
                   f"trained in {m.training.training_seconds:.1f} s")
+            if original is not None:
+                same = m.weights_sha256 == original.weights_sha256
+                print(f"replay of {m.training.replay_of}: weights_sha256 {m.weights_sha256[:16]}... "
+                      + ("identical to the original's" if same else
+                         f"differs from the original's {original.weights_sha256[:16]}... (another device or "
+                         "library versions? compare the manifests' device and libraries)"))
         elif ns.command == "cv":
             from training.pipeline import cross_validate
             s = cross_validate(_config(ns), ns.folds)

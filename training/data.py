@@ -8,8 +8,9 @@ so nothing is unpickled and nothing is downloaded.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     source: str            # the folder the files came from
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of each file read, by name inside `source`
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -43,11 +45,19 @@ class DataNotFound(FileNotFoundError):
     pass
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_hashed(path: Path, hashes: dict[str, str]) -> bytes:
+    """The file's bytes; their sha256 goes into `hashes` under the file's name: the hash is of
+    exactly the bytes trained on (a replay compares it before training)."""
+    raw = path.read_bytes()
+    hashes[path.name] = hashlib.sha256(raw).hexdigest()
+    return raw
+
+
+def _read_idx(path: Path, hashes: dict[str, str]) -> np.ndarray:
     """The idx format of MNIST: magic (0, 0, dtype, ndim), ndim big-endian int32 sizes, then data."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    raw = _read_hashed(path, hashes)
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path} is not an idx file of unsigned bytes")
     ndim = raw[3]
@@ -87,11 +97,12 @@ def load_idx_dataset(name: str, data_dir: str | None) -> Dataset:
     for folder in tried:
         paths = [_find(folder, s) for s in stems]
         if all(paths):
-            tx, ty, vx, vy = (_read_idx(p) for p in paths)
+            hashes: dict[str, str] = {}
+            tx, ty, vx, vy = (_read_idx(p, hashes) for p in paths)
             return Dataset(name, classes,
                            torch.from_numpy(tx.copy()).unsqueeze(1), torch.from_numpy(ty.astype(np.int64)),
                            torch.from_numpy(vx.copy()).unsqueeze(1), torch.from_numpy(vy.astype(np.int64)),
-                           str(folder))
+                           str(folder), hashes)
     hint = ("install the Debian package: apt-get install dataset-fashion-mnist, or "
             if name == "fashion_mnist" else "")
     raise DataNotFound(f"{name}: the four idx files ({', '.join(stems)}, optionally .gz) were not found in "
@@ -106,12 +117,14 @@ def load_cifar10(data_dir: str | None) -> Dataset:
         train = [folder / f"data_batch_{i}.bin" for i in range(1, 6)]
         test = folder / "test_batch.bin"
         if all(p.is_file() for p in train) and test.is_file():
-            def read(paths):
-                recs = np.concatenate([np.fromfile(p, dtype=np.uint8).reshape(-1, 3073) for p in paths])
+            def read(paths, hashes):
+                recs = np.concatenate([np.frombuffer(_read_hashed(p, hashes), dtype=np.uint8).reshape(-1, 3073)
+                                       for p in paths])
                 return torch.from_numpy(recs[:, 1:].reshape(-1, 3, 32, 32).copy()), torch.from_numpy(recs[:, 0].astype(np.int64))
-            tx, ty = read(train)
-            vx, vy = read([test])
-            return Dataset("cifar10", CIFAR10_CLASSES, tx, ty, vx, vy, str(folder))
+            hashes: dict[str, str] = {}
+            tx, ty = read(train, hashes)
+            vx, vy = read([test], hashes)
+            return Dataset("cifar10", CIFAR10_CLASSES, tx, ty, vx, vy, str(folder), hashes)
     if (root / "cifar-10-batches-py").is_dir():
         raise DataNotFound(f"{root}/cifar-10-batches-py is the pickled python version, which this project never "
                            "unpickles; use the binary version (cifar-10-binary.tar.gz -> cifar-10-batches-bin)")

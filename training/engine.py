@@ -60,20 +60,24 @@ def train_one_epoch(model, criterion, optimizer, scheduler, data: Batches, batch
 @torch.no_grad()
 def evaluate(model, criterion, data: Batches, num_classes: int, tta_flip: bool = False,
              batch_size: int = 1000) -> dict:
-    """Mean loss, the confusion matrix and the softmax probabilities over `data`."""
+    """Mean loss, the confusion matrix, the softmax probabilities and the logits (N, K) over `data`.
+
+    The logits are those the service computes (flip-averaged with tta_flip); training.calibrate fits
+    the temperature on them."""
     model.eval()
     loss_sum = 0.0
-    probs = []
+    out = []
     for i in range(0, len(data), batch_size):
         xb = data.normalise(data.x[i:i + batch_size].float().div_(255))
         yb = data.y[i:i + batch_size]
         logits = forward_logits(model, xb, tta_flip)
         loss_sum += float(criterion(logits, yb)) * yb.numel()
-        probs.append(logits.softmax(1).cpu())
-    p = torch.cat(probs) if probs else torch.zeros(0, num_classes)
+        out.append(logits.cpu())
+    z = torch.cat(out) if out else torch.zeros(0, num_classes)
+    p = z.softmax(1)
     cm = confusion_matrix(data.y.cpu(), p.argmax(1), num_classes)
     n = max(len(data), 1)
-    return {"loss": loss_sum / n, "accuracy": float(cm.trace()) / n, "confusion_matrix": cm, "probs": p}
+    return {"loss": loss_sum / n, "accuracy": float(cm.trace()) / n, "confusion_matrix": cm, "probs": p, "logits": z}
 
 
 def fit(run: Run, cfg, checkpoint_dir: Path | None = None, state: FitState | None = None, log=print) -> FitState:

@@ -20,9 +20,9 @@ import torchvision
 
 from core import artifacts, registry
 from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
-from core.metrics import calibration, per_class
+from core.metrics import per_class
 from core.models import build_model, pick_device
-from training import report
+from training import calibrate, report
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.data import channel_stats, load_dataset, split
@@ -72,8 +72,10 @@ def prepare(cfg: TrainConfig, train_idx=None, val_idx=None) -> Run:
                optimizer=optimizer, scheduler=scheduler, generator=gen, input_spec=input_spec)
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
-    """Train by `cfg`, evaluate on the official test set, publish a version; returns its folder."""
+def train(cfg: TrainConfig, log=print, replay_of: str | None = None) -> Path:
+    """Train by `cfg`, evaluate on the official test set, publish a version; returns its folder.
+
+    replay_of: "NAME/VERSION" when training.replay reruns that version's config (recorded in the manifest)."""
     started = time.perf_counter()
     run = prepare(cfg)
     name = artifacts.check_name(cfg.resolved_name(), "model name")
@@ -90,27 +92,33 @@ def train(cfg: TrainConfig, log=print) -> Path:
         f"{len(run.test)} test) on {run.device}, {sum(p.numel() for p in run.model.parameters()):,} parameters")
     state = fit(run, cfg, ckpt if cfg.checkpoint else None, state, log=lambda r: log(json.dumps(r)))
     seconds = time.perf_counter() - started
-    folder = evaluate_and_publish(cfg, run, state, seconds)
+    folder = evaluate_and_publish(cfg, run, state, seconds, replay_of=replay_of)
     if ckpt.exists():
         shutil.rmtree(ckpt)
     return folder
 
 
 def evaluate_and_publish(cfg: TrainConfig, run: Run, state: FitState, seconds: float,
-                         distributed: dict | None = None) -> Path:
-    """The final test evaluation and the published version (train() and training.distributed share it)."""
+                         distributed: dict | None = None, replay_of: str | None = None) -> Path:
+    """The final test evaluation and the published version (train() and training.distributed share it).
+
+    The calibration temperature is fitted on the validation split's logits before the test set's are
+    looked at (training.calibrate); the test set only measures the result."""
     name = artifacts.check_name(cfg.resolved_name(), "model name")
+    val_logits = evaluate(run.model, run.criterion, run.val, run.num_classes, tta_flip=cfg.tta_flip)["logits"]
     test = evaluate(run.model, run.criterion, run.test, run.num_classes, tta_flip=cfg.tta_flip)
-    manifest = _manifest(cfg, run, test, state, seconds, distributed)
+    test["calibration"] = calibrate.calibration_block(val_logits, run.val.y.cpu(), test["logits"], run.test.y.cpu())
+    manifest = _manifest(cfg, run, test, state, seconds, distributed, replay_of)
     manifest, write_extras = _with_test_predictions(manifest, test["probs"].argmax(1), run.test.y)
     return artifacts.publish(cfg.artifacts_dir, name, run.model.state_dict(), manifest, write_extras=write_extras)
 
 
 def _manifest(cfg: TrainConfig, run: Run, test: dict, state: FitState, seconds: float,
-              distributed: dict | None) -> Manifest:
+              distributed: dict | None, replay_of: str | None) -> Manifest:
     """The manifest of a version, less what artifacts.publish adds (name, version, hashes, files).
 
-    `test` is evaluate()'s result on run.test. The one place the manifest's fields are assembled.
+    `test` is evaluate()'s result on run.test with its calibration block. The one place the
+    manifest's fields are assembled.
     """
     ds, cm = run.dataset, test["confusion_matrix"]
     return Manifest(
@@ -119,10 +127,10 @@ def _manifest(cfg: TrainConfig, run: Run, test: dict, state: FitState, seconds: 
         classes=tuple(ds.classes),
         input=run.input_spec,
         dataset=DatasetRecord(ds.name, ds.source, len(run.train), len(run.val), len(run.test),
-                              test_is_full_official_set=len(run.test) == len(ds.test_y)),
+                              test_is_full_official_set=len(run.test) == len(ds.test_y), files=dict(ds.files)),
         metrics=OfflineMetrics(test_accuracy=float(cm.trace()) / int(cm.sum()), test_loss=test["loss"],
                                confusion_matrix=cm.tolist(), per_class=per_class(cm, ds.classes),
-                               calibration=calibration(test["probs"], run.test.y.cpu())),
+                               calibration=test["calibration"]),
         training=TrainingRecord(
             config=cfg.to_dict(), seed=cfg.seed,
             libraries={"python": platform.python_version(), "torch": torch.__version__,
@@ -130,7 +138,8 @@ def _manifest(cfg: TrainConfig, run: Run, test: dict, state: FitState, seconds: 
                        "safetensors": safetensors.__version__},
             git_commit=_git_commit(), device=str(run.device), training_seconds=round(seconds, 2),
             stopped_early=state.stopped_early, best_epoch=state.best_epoch, history=state.history,
-            verdict=fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap), distributed=distributed),
+            verdict=fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap), distributed=distributed,
+            replay_of=replay_of),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.manifest import Manifest
+from core.manifest import Calibration, Manifest
 
 import matplotlib
 
@@ -49,16 +49,20 @@ def confusion_picture(cm: list[list[int]], classes: list[str], path: Path) -> No
     plt.close(fig)
 
 
-def reliability_picture(calibration: dict, path: Path) -> None:
-    bins = [b for b in calibration["bins"] if b["count"]]
+def reliability_picture(calibration: Calibration, path: Path) -> None:
+    """Accuracy against confidence of the served (temperature-scaled) probabilities on the test set."""
+    bins = [b for b in calibration.bins if b["count"]]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    width = 1 / calibration["n_bins"]
+    width = 1 / calibration.n_bins
     ax.bar([b["lower"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
            edgecolor="black", alpha=0.7, label="accuracy in bin")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {calibration['ece']:.4f})")
+    title = f"reliability at T = {calibration.temperature:.3f} (ECE {calibration.ece:.4f})"
+    if calibration.ece_uncalibrated is not None:
+        title += f"\nat T = 1: ECE {calibration.ece_uncalibrated:.4f}"
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -73,9 +77,9 @@ def markdown(m: Manifest) -> str:
 
 - model: `{spec.arch}`{' ' + json.dumps(spec.kwargs) if spec.kwargs else ''}, {spec.parameters:,} parameters{', test-time flip averaging' if spec.tta_flip else ''}
 - dataset: {ds.name} ({ds.train} train / {ds.val} validation / {ds.test} test)
-- **test accuracy {m.metrics.test_accuracy:.4f}** (loss {m.metrics.test_loss:.4f}), expected calibration error {m.metrics.calibration['ece']:.4f}
+- **test accuracy {m.metrics.test_accuracy:.4f}** (loss {m.metrics.test_loss:.4f}), expected calibration error {_calibration_line(m.metrics.calibration)}
 - fit: **{v['verdict']}**: {v['reason']}
-- trained {len(tr.history)} epoch(s) in {tr.training_seconds:.1f} s on {tr.device}{' (stopped early)' if tr.stopped_early else ''}
+- trained {len(tr.history)} epoch(s) in {tr.training_seconds:.1f} s on {tr.device}{' (stopped early)' if tr.stopped_early else ''}{f', a replay of {tr.replay_of}' if tr.replay_of else ''}
 - weights sha256 `{m.weights_sha256}`
 
 | label | class | precision | recall | F1 | support |
@@ -84,6 +88,13 @@ def markdown(m: Manifest) -> str:
 
 ![learning curves](learning_curves.png) ![confusion matrix](confusion_matrix.png) ![reliability](reliability.png)
 """
+
+
+def _calibration_line(c: Calibration) -> str:
+    if c.ece_uncalibrated is None:  # a manifest from before temperature scaling
+        return f"{c.ece:.4f}"
+    return (f"{c.ece:.4f} at temperature {c.temperature:.4f}, {c.ece_uncalibrated:.4f} at 1.0 "
+            f"(temperature: {c.fitted_on})")
 
 
 def write_all(folder: Path, manifest: Manifest) -> None:
