@@ -82,7 +82,8 @@ def test_the_published_temperature_is_the_fit_on_the_validation_logits(published
     cfg, folder = published
     m = artifacts.verify(folder)
     c = m.metrics.calibration
-    _, _, _, val, test, _, criterion, *_ = prepare(cfg)  # the same seeded split the run used
+    run = prepare(cfg)  # the same seeded split the run used
+    val, test, criterion = run.val, run.test, run.criterion
     model = artifacts.load(cfg.artifacts_dir, m.name, m.version).model
     val_logits = evaluate(model, criterion, val, 10, tta_flip=True)["logits"]
     assert c.temperature == fit_temperature(val_logits, val.y) != 1.0
@@ -161,7 +162,8 @@ def test_the_default_cnn_preset_is_calibrated_to_ece_002_with_unchanged_accuracy
     c = m.metrics.calibration
     assert m.dataset.test == 10_000 and m.dataset.val == 6_000
     assert c.ece <= 0.02, (c.temperature, c.ece, c.ece_uncalibrated)
-    _, _, _, _, test, _, criterion, *_ = prepare(cfg)
+    run = prepare(cfg)
+    test, criterion = run.test, run.criterion
     z = evaluate(artifacts.load(str(tmp_path), "cnn").model, criterion, test, 10, tta_flip=cfg.tta_flip)["logits"]
     calibrated, plain = probabilities(z, c.temperature).argmax(1), z.argmax(1)
     assert torch.equal(calibrated, plain)
