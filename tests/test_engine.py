@@ -129,6 +129,47 @@ def _hist(tr_acc, va_acc, val_losses):
             for i, v in enumerate(val_losses)]
 
 
+
+class _Tty:
+    tty = True
+
+    def __init__(self):
+        self.writes = 0
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.writes += 1
+
+    def flush(self):
+        pass
+
+
+def test_the_progress_bar_reads_the_device_sums_only_when_it_draws(monkeypatch):
+    # reading loss/accuracy off the device is a host sync: a live bar may do it at most every 0.1 s
+    # (and at the last step), a bar that is not on a terminal never
+    pipe = _Tty()
+    pipe.tty = False
+    assert not engine.Progress(10, "x", stream=pipe).due(1)
+    clock = iter([0.0, 100.0, 100.01, 100.02, 100.2, 100.3])
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    bar = engine.Progress(10, "x", stream=_Tty())  # start 0.0
+    assert bar.due(1)          # 100.0: first draw is due
+    bar.last_draw = 100.0
+    assert not bar.due(2)      # 100.01: within 0.1 s of the last draw
+    assert bar.due(10)         # the last step always draws
+    assert bar.due(3)          # 100.2
+
+
+def test_a_live_progress_bar_draws_less_than_once_per_step():
+    cfg, train, val, model, crit, opt, sched, gen = _setup()
+    stream = _Tty()
+    steps = -(-len(train) // 8)
+    bar = engine.Progress(steps, "epoch 1/1", stream=stream)
+    train_one_epoch(model, crit, opt, sched, train, 8, gen, do_augment=False, progress=bar)
+    assert 1 <= stream.writes < steps  # 32 steps of a tiny model take far less than 3.2 s
+
 def test_fit_verdict_underfitting():
     v = fit_verdict(_hist(0.62, 0.60, [1.2, 1.1, 1.0]), 0.80, 0.03)
     assert v["verdict"] == "underfitting"

@@ -26,6 +26,7 @@ class TrainConfig:
     limit_train: int | None = None     # use only the first N training images (tests, dry runs)
     limit_test: int | None = None      # evaluate on the first N test images (tests only; manifest says so)
     augment: bool = True               # random horizontal flip and +-2 pixel shifts, on tensors
+    random_erase: float = 0.0          # with augment: probability per training image of one noise-filled box
     tta_flip: bool = False             # average logits with the mirrored image at test and serve time
     # --- optimisation
     epochs: int = 15
@@ -103,6 +104,8 @@ def make_config(**overrides) -> TrainConfig:
         merged.pop("label_smoothing", None)  # a preset's smoothing is for cross-entropy; other losses take none
     cfg = TrainConfig(**merged)
     check_names(cfg)
+    if not 0 <= cfg.random_erase <= 1:
+        raise ValueError(f"random_erase is a probability in [0, 1], got {cfg.random_erase}")
     return cfg
 
 

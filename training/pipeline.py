@@ -62,7 +62,7 @@ def prepare(cfg: TrainConfig, train_idx=None, val_idx=None):
     criterion = build_loss(cfg, train.y.cpu(), k).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_schedule(cfg, optimizer, -(-len(train) // cfg.batch_size))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # data order and augmentation, drawn on the device
     input_spec = {"channels": c, "height": h, "width": w, "dtype": "uint8", "layout": "CHW",
                   "scale": 255.0, "mean": mean, "std": std}
     return ds, device, train, val, test, model, criterion, optimizer, scheduler, gen, input_spec
