@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from core import artifacts
 from tests.conftest import tiny_config
@@ -75,6 +76,16 @@ def test_same_seed_and_config_give_the_identical_weights_hash(tmp_path):
     c = json.loads((c_dir / "manifest.json").read_text())
     assert c["weights_sha256"] != a["weights_sha256"]  # the seed really matters
 
+
+def test_deterministic_setting_reaches_torch_and_the_manifest(tmp_path):
+    try:
+        folder = train(tiny_config(tmp_path / "on", deterministic=True, limit_train=256, limit_test=128), log=_quiet)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert json.loads((folder / "manifest.json").read_text())["config"]["deterministic"] is True
+        train(tiny_config(tmp_path / "off", limit_train=256, limit_test=128), log=_quiet)
+        assert not torch.are_deterministic_algorithms_enabled()  # each run sets it from its own config
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 TRAIN_ARGS = ["--model", "mlp", "--limit-train", "8192", "--limit-test", "512", "--epochs", "5",
               "--batch-size", "64", "--optimizer", "adam", "--lr", "0.003", "--weight-decay", "0",

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"                # cpu | cuda | auto
     threads: int | None = None         # torch intra-op threads; default: torch's choice
+    deterministic: bool = False        # torch.use_deterministic_algorithms (+ CUBLAS_WORKSPACE_CONFIG on CUDA)
     checkpoint: bool = True            # keep a resumable checkpoint after every epoch
     resume: bool = False               # continue the checkpoint of this exact config
 

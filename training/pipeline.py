@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ def prepare(cfg: TrainConfig, train_idx=None, val_idx=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if cfg.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs a fixed workspace
+    torch.use_deterministic_algorithms(cfg.deterministic)  # set either way: the manifest's config says which
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     n_train = len(ds.train_y) if cfg.limit_train is None else min(cfg.limit_train, len(ds.train_y))
     if train_idx is None:
