@@ -83,9 +83,11 @@ def test_resnet_preset_trains_and_reloads_with_the_same_logits(tmp_path, monkeyp
     # erasing, flip TTA) at a quarter of its widths (the full one takes minutes on 2 busy cores), 1 epoch on
     # 512 images; the published version, rebuilt by core.artifacts.load from its manifest alone, computes
     # the trained model's logits and the manifest's confusion matrix
-    from core.models import forward_logits, preprocess
     from torchvision.models.resnet import BasicBlock
+
+    from core.models import forward_logits, preprocess
     from training import pipeline
+    from training.data import load_dataset
 
     trained = {}
     publish = pipeline.evaluate_and_publish
@@ -105,7 +107,6 @@ def test_resnet_preset_trains_and_reloads_with_the_same_logits(tmp_path, monkeyp
     assert m["config"]["random_erase"] == 0.5 and m["config"]["deterministic"] is False
     loaded = artifacts.load(cfg.artifacts_dir, "resnet", folder.name)
     assert sum(isinstance(b, BasicBlock) for b in loaded.model.modules()) == 6
-    from training.data import load_dataset
     ds = load_dataset("fashion_mnist")
     x = preprocess(ds.test_x[:256], m["input"])
     with torch.no_grad():
