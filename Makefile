@@ -117,6 +117,17 @@ audit: setup
 	@$(PY) -c "$$AUDIT_PY"
 
 # The 3-seed results table pasted in README.md and docs/training-results.md (about 20 minutes on 2 cores).
-.PHONY: results
+# DEVICE=cuda: the GPU rows instead (bench.gpu_train: cnn 1 seed, resnet 3 seeds; needs CUDA), and with
+# GPU_JSON=file only the rows rendered from a JSON that bench.gpu_train wrote on the device machine.
+.PHONY: results gpu-bundle
 results: setup data
-	$(PY) -m bench.results_table
+	$(PY) -m $(if $(filter cuda%,$(DEVICE)),bench.gpu_train $(if $(GPU_JSON),--render $(GPU_JSON)),bench.results_table)
+
+# What a GPU machine without internet needs besides the tracked tree: the four Fashion-MNIST .gz files in
+# an ignored folder that travels with it (docs/training-results.md, "GPU", has the command run there).
+GPU_BUNDLE := gpu-bundle
+gpu-bundle: data
+	mkdir -p $(GPU_BUNDLE)/fashion-mnist
+	cp $(addprefix $(if $(DATA_DIR),$(DATA_DIR),$(FMNIST))/,train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
+		t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz) $(GPU_BUNDLE)/fashion-mnist/
+	@du -sh $(GPU_BUNDLE)

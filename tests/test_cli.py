@@ -50,9 +50,9 @@ def test_dry_run_subprocess_publishes_and_prints_where_and_how_well(tmp_path):
 
 
 def test_unknown_model_exits_2_with_the_known_names(tmp_path):
-    r = _run("train", "--model", "resnet", *TINY, "--artifacts-dir", str(tmp_path))
+    r = _run("train", "--model", "vgg", *TINY, "--artifacts-dir", str(tmp_path))
     assert r.returncode == 2
-    assert "error: unknown model 'resnet'; known models: cnn, gru, lenet, mlp" in r.stderr
+    assert "error: unknown model 'vgg'; known models: cnn, gru, lenet, mlp, resnet" in r.stderr
     assert not list(tmp_path.rglob("manifest.json"))
 
 
@@ -82,9 +82,9 @@ def test_help_lists_every_setting_with_its_default(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--model", "--loss", "--optimizer", "--schedule", "--patience", "--resume", "--label-smoothing",
-                 "--focal-gamma", "--seed", "--dry-run"):
+                 "--focal-gamma", "--seed", "--dry-run", "--deterministic", "--random-erase"):
         assert flag in out
-    assert "lenet | cnn | gru | mlp" in out
+    assert "lenet | cnn | resnet | gru | mlp" in out
 
 
 def test_flags_reach_the_config_and_presets_never_beat_them(tmp_path, capsys):
@@ -98,6 +98,11 @@ def test_flags_reach_the_config_and_presets_never_beat_them(tmp_path, capsys):
                                 "--model-kwargs", '{"hidden": [8]}', "--lr", "0.5"]))
     assert (cfg.model, cfg.epochs, cfg.augment, cfg.class_weights, cfg.model_kwargs, cfg.lr) == \
         ("lenet", 3, False, (1.0, 2.0), {"hidden": [8]}, 0.5)
+    on = _config(p.parse_args(["--model", "resnet", "--deterministic", "--random-erase", "0.25"]))
+    assert (on.deterministic, on.random_erase, on.epochs) == (True, 0.25, 18)  # flags beat the resnet preset
+    assert (_config(p.parse_args([])).deterministic, _config(p.parse_args([])).random_erase) == (False, 0.0)
+    with pytest.raises(ValueError, match=r"random_erase is a probability in \[0, 1\], got 1.5"):
+        _config(p.parse_args(["--random-erase", "1.5"]))
     dry = _config(p.parse_args(["--dry-run", "--epochs", "2"]))
     assert (dry.limit_train, dry.limit_test, dry.epochs) == (1024, 512, 2)  # a given flag beats the dry run
 

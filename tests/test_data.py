@@ -11,15 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import (
-    DEBIAN_FASHION_MNIST,
-    FASHION_CLASSES,
-    DataNotFound,
-    augment,
-    channel_stats,
-    load_dataset,
-    split,
-)
+from training.data import (DEBIAN_FASHION_MNIST, FASHION_CLASSES, DataNotFound, augment, channel_stats,
+                           load_dataset, random_erase, split)
 
 STEMS = {"train-images-idx3-ubyte": (12, 28, 28), "train-labels-idx1-ubyte": (12,),
          "t10k-images-idx3-ubyte": (5, 28, 28), "t10k-labels-idx1-ubyte": (5,)}
@@ -180,6 +173,69 @@ def test_augment_shifts_move_pixels_by_at_most_max_shift():
     assert ((rows - 14).abs() <= 2).all() and ((cols - 14).abs() <= 2).all()
     assert len(set(zip(rows.tolist(), cols.tolist()))) > 5
 
+
+
+def test_augment_on_a_cpu_generator_draws_what_it_always_drew():
+    # CPU runs keep their weights hash only if augment consumes the generator exactly as before the
+    # draws moved to the generator's device: one rand(B) for the flips, two randint(0, 5, (B,)) for
+    # the shifts, nothing for erasing when it is off
+    x = _images(8)
+    g = torch.Generator().manual_seed(3)
+    augment(x, g)
+    ref = torch.Generator().manual_seed(3)
+    torch.rand(8, generator=ref), torch.randint(0, 5, (8,), generator=ref), torch.randint(0, 5, (8,), generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+    g0 = torch.Generator().manual_seed(3)
+    assert torch.equal(augment(x, g0, erase=0.0), augment(x, torch.Generator().manual_seed(3)))
+
+
+def _boxes(a, x):
+    """Per image: the set of changed pixels, as (rows, cols) index tensors."""
+    changed = (a != x)[:, 0]
+    return [changed[i].nonzero(as_tuple=True) for i in range(len(x))]
+
+
+def test_random_erase_fills_one_box_per_chosen_image_with_noise():
+    x = torch.full((64, 1, 28, 28), 2.0)  # outside 0..1, so every erased pixel shows
+    a = random_erase(x, torch.Generator().manual_seed(0), p=1.0)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    areas = []
+    for rows, cols in _boxes(a, x):
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert len(rows) == h * w  # one solid rectangle
+        areas.append(h * w / 784)
+    assert min(areas) > 0.01 and max(areas) < 0.40  # scale 0.02 .. 0.33 of the image, up to rounding
+    erased = a != x
+    assert ((a[erased] >= 0) & (a[erased] < 1)).all()  # uniform noise on the 0..1 pixel scale
+    assert torch.equal(a, random_erase(x, torch.Generator().manual_seed(0), p=1.0))  # seeded
+
+
+def test_random_erase_probability():
+    x = torch.full((400, 1, 28, 28), 2.0)
+    hit = (random_erase(x, torch.Generator().manual_seed(0), p=0.5) != x).flatten(1).any(1)
+    assert 150 < int(hit.sum()) < 250
+    assert torch.equal(random_erase(x, torch.Generator().manual_seed(0), p=0.0), x)
+    with pytest.raises(ValueError, match="in \\[0, 1\\], got 2"):
+        random_erase(x, torch.Generator(), p=2)
+
+
+def test_augment_with_erase_erases_after_flips_and_shifts():
+    x = _images(64)
+    plain = augment(x, torch.Generator().manual_seed(0))
+    erased = augment(x, torch.Generator().manual_seed(0), erase=1.0)
+    assert (erased != plain).flatten(1).any(1).all()  # the same flips and shifts, then a box in each image
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_augment_on_a_cuda_generator_never_syncs_the_host():
+    x = torch.rand(256, 1, 28, 28, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call (a blocking copy, .item()) raises
+    try:
+        a = augment(x, g, erase=0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert a.device.type == "cuda" and a.shape == x.shape
 
 def test_channel_stats_on_the_0_1_scale():
     x = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.models import build_model
-from training import engine
+from training import engine, progress
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import make_config
 from training.data import Dataset
@@ -132,6 +132,48 @@ def test_early_stopping_on_a_real_rising_validation_loss():
     best = st.history[st.best_epoch - 1]["val_loss"]
     assert best == min(h["val_loss"] for h in st.history) < st.history[-1]["val_loss"]
     assert evaluate(model, crit, val, K)["loss"] == pytest.approx(best, rel=1e-6)  # best weights restored
+
+
+class _Tty:
+    tty = True
+
+    def __init__(self):
+        self.writes = 0
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.writes += 1
+
+    def flush(self):
+        pass
+
+
+def test_the_progress_bar_reads_the_device_sums_only_when_it_draws(monkeypatch):
+    # reading loss/accuracy off the device is a host sync: a live bar may do it at most every 0.1 s
+    # (and at the last step), a bar that is not on a terminal never
+    pipe = _Tty()
+    pipe.tty = False
+    assert not progress.Progress(10, "x", stream=pipe).due(1)
+    clock = iter([0.0, 100.0, 100.01, 100.02, 100.2, 100.3])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    bar = progress.Progress(10, "x", stream=_Tty())  # start 0.0
+    assert bar.due(1)          # 100.0: first draw is due
+    bar.last_draw = 100.0
+    assert not bar.due(2)      # 100.01: within 0.1 s of the last draw
+    assert bar.due(10)         # the last step always draws
+    assert bar.due(3)          # 100.2
+
+
+def test_a_live_progress_bar_draws_less_than_once_per_step():
+    _, run = _setup()
+    stream = _Tty()
+    steps = -(-len(run.train) // 8)
+    bar = progress.Progress(steps, "epoch 1/1", stream=stream)
+    train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler, run.train, 8, run.generator,
+                    do_augment=False, progress=bar)
+    assert 1 <= stream.writes < steps  # 32 steps of a tiny model take far less than 3.2 s
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adam", "onecycle"), ("sgd", "step"), ("rmsprop", "cosine")])

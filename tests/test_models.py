@@ -8,10 +8,10 @@ import torch
 from core.manifest import InputSpec
 from core.models import MODELS, build_model, forward_logits, pick_device, preprocess
 
-NAMES = ["lenet", "cnn", "gru", "mlp"]
+NAMES = ["lenet", "cnn", "resnet", "gru", "mlp"]
 
 
-def test_the_registry_holds_the_four_models_of_the_issue():
+def test_the_registry_holds_the_four_models_of_the_issue_and_resnet():
     assert sorted(MODELS) == sorted(NAMES)
 
 
@@ -47,7 +47,7 @@ def test_manifest_kwargs_rebuild_the_same_architecture():
     assert b.gru.hidden_size == 24 and b.gru.input_size == 28
 
 
-@pytest.mark.parametrize("name", ["lenet", "cnn"])
+@pytest.mark.parametrize("name", ["lenet", "cnn", "resnet"])
 def test_channels_last_is_a_layout_only(name):
     # the presets switch it on: the same seed must give the same weights, the same saved tensors
     # and the same logits (up to float rounding of a different kernel) as the plain layout
@@ -68,8 +68,40 @@ def test_channels_last_is_a_layout_only(name):
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'resnet'.*cnn, gru, lenet, mlp"):
-        build_model("resnet", 1, 28, 28, 10)
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*cnn, gru, lenet, mlp, resnet"):
+        build_model("vgg", 1, 28, 28, 10)
+
+
+def test_resnet_is_built_from_torchvisions_basic_block():
+    # the issue asks for torchvision's own block, not a copy: 3 stages x 2 blocks, widths 64/128/256,
+    # downsampling (stride 2, 1x1 conv shortcut) at the first block of the 2nd and 3rd stage
+    from torchvision.models.resnet import BasicBlock
+
+    model = build_model("resnet", 1, 28, 28, 10)
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 6 and all(type(b) is BasicBlock for b in blocks)
+    assert [b.conv2.out_channels for b in blocks] == [64, 64, 128, 128, 256, 256]
+    assert [b.stride for b in blocks] == [1, 1, 2, 1, 2, 1]
+    assert [b.downsample is not None for b in blocks] == [False, False, True, False, True, False]
+    assert model.stem[0].in_channels == 1 and model.head.in_features == 256
+    assert sum(p.numel() for p in model.parameters()) == 2_776_522
+    x = torch.randn(2, 1, 28, 28)
+    assert model.blocks(model.stem(x)).shape == (2, 256, 7, 7)  # 28 -> 14 -> 7
+
+
+def test_resnet_bf16_autocast_only_while_training_and_logits_stay_float32():
+    torch.manual_seed(0)
+    model = build_model("resnet", 1, 28, 28, 10, widths=[8, 16], train_bf16=True)
+    x = torch.randn(3, 1, 28, 28)
+    seen = []
+    hook = model.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model.train()
+    assert model(x).dtype == torch.float32
+    model.eval()
+    with torch.no_grad():
+        assert model(x).dtype == torch.float32
+    hook.remove()
+    assert seen == [torch.bfloat16, torch.float32]  # autocast in training only; evaluation is float32
 
 
 def test_tta_flip_averages_the_mirrored_logits():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from core import artifacts
@@ -81,6 +82,57 @@ def test_same_seed_and_config_give_the_identical_weights_hash(tmp_path):
     c = json.loads((c_dir / "manifest.json").read_text())
     assert c["weights_sha256"] != a["weights_sha256"]  # the seed really matters
 
+
+
+def test_resnet_preset_trains_and_reloads_with_the_same_logits(tmp_path, monkeypatch):
+    # the resnet preset (bf16 autocast, channels_last, nesterov one-cycle, batch 512, label smoothing, random
+    # erasing, flip TTA) at a quarter of its widths (the full one takes minutes on 2 busy cores), 1 epoch on
+    # 512 images; the published version, rebuilt by core.artifacts.load from its manifest alone, computes
+    # the trained model's logits and the manifest's confusion matrix
+    from torchvision.models.resnet import BasicBlock
+
+    from core.models import forward_logits, preprocess
+    from training import pipeline
+    from training.data import load_dataset
+
+    trained = {}
+    publish = pipeline.evaluate_and_publish
+
+    def keep_model(cfg, name, ds, device, model, *args, **kwargs):
+        trained["model"] = model
+        return publish(cfg, name, ds, device, model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate_and_publish", keep_model)
+    kwargs = {"widths": [16, 32, 64], "channels_last": True, "train_bf16": True}
+    cfg = tiny_config(tmp_path, model="resnet", model_kwargs=kwargs, limit_train=512, limit_test=256, epochs=1,
+                      batch_size=None)  # the preset's batch (512), not tiny_config's
+    assert (cfg.batch_size, cfg.random_erase, cfg.tta_flip, cfg.optimizer) == (512, 0.5, True, "nesterov")
+    folder = train(cfg, log=_quiet)
+    m = _check_version(folder)
+    assert m["model"] == {"arch": "resnet", "kwargs": kwargs, "tta_flip": True, "parameters": 174_970}
+    assert m["config"]["random_erase"] == 0.5 and m["config"]["deterministic"] is False
+    loaded = artifacts.load(cfg.artifacts_dir, "resnet", folder.name)
+    assert sum(isinstance(b, BasicBlock) for b in loaded.model.modules()) == 6
+    ds = load_dataset("fashion_mnist")
+    x = preprocess(ds.test_x[:256], m["input"])
+    with torch.no_grad():
+        ours = forward_logits(loaded.model, x, tta_flip=True)
+        theirs = forward_logits(trained["model"].eval(), x, tta_flip=True)
+    assert torch.equal(ours, theirs)
+    cm = torch.zeros(10, 10, dtype=torch.long)
+    cm.index_put_((ds.test_y[:256], ours.argmax(1)), torch.ones(256, dtype=torch.long), accumulate=True)
+    assert cm.tolist() == m["confusion_matrix"]
+
+
+def test_deterministic_setting_reaches_torch_and_the_manifest(tmp_path):
+    try:
+        folder = train(tiny_config(tmp_path / "on", deterministic=True, limit_train=256, limit_test=128), log=_quiet)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert json.loads((folder / "manifest.json").read_text())["config"]["deterministic"] is True
+        train(tiny_config(tmp_path / "off", limit_train=256, limit_test=128), log=_quiet)
+        assert not torch.are_deterministic_algorithms_enabled()  # each run sets it from its own config
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 TRAIN_ARGS = ["--model", "mlp", "--limit-train", "8192", "--limit-test", "512", "--epochs", "5",
               "--batch-size", "64", "--optimizer", "adam", "--lr", "0.003", "--weight-decay", "0",

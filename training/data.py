@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,23 +158,62 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     return xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).tolist()
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2, flip: bool = True) -> torch.Tensor:
-    """Random horizontal flips and translations of up to max_shift pixels, for a whole batch at once.
+def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2, flip: bool = True,
+            erase: float = 0.0) -> torch.Tensor:
+    """Random horizontal flips, translations of up to max_shift pixels and (when erase > 0) random
+    erasing, for a whole batch at once.
 
     x: (B, C, H, W) float. Shifts pad with zeros (the background after normalisation is not zero,
     so pad before normalising: the caller passes 0..1 pixels).
+
+    Random numbers are drawn on the generator's device. A CUDA generator keeps the step on the GPU: a
+    CPU draw copied to the GPU is a blocking copy (ATen's copy from pageable memory synchronises the
+    stream), three times per step. A CPU generator draws exactly what it always did (same calls, same
+    order), so CPU runs keep their weights hash; with erase=0 nothing more is drawn.
     """
     b, c, h, w = x.shape
+    dev = gen.device
     if flip:
-        mask = torch.rand(b, generator=gen) < 0.5
+        mask = torch.rand(b, generator=gen, device=dev) < 0.5
         x = torch.where(mask.view(b, 1, 1, 1).to(x.device), x.flip(-1), x)
     if max_shift:
         p = max_shift
         padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(x.device)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(x.device)
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=dev).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=dev).to(x.device)
         rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w)
         cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
         # gather rows then columns: (B, C, H, W+2p) then (B, C, H, W)
         x = padded.gather(2, rows[..., :1].expand(b, c, h, w + 2 * p)).gather(3, cols)
+    if erase:
+        x = random_erase(x, gen, erase)
     return x
+
+
+def random_erase(x: torch.Tensor, gen: torch.Generator, p: float, scale: tuple[float, float] = (0.02, 0.33),
+                 ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017) as one batch operation: each image, with probability p, gets one
+    box of scale * H * W pixels (uniform in `scale`) and height/width ratio (log-uniform in `ratio`) filled
+    with uniform noise on the 0..1 pixel scale. torchvision's RandomErasing (same default scale and ratio)
+    retries up to 10 times for a box that fits; here a box's sides are clipped to the image instead, so
+    there is no per-image loop and no data-dependent shape. x: (B, C, H, W) pixels on the 0..1 scale.
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"random erasing probability must be in [0, 1], got {p}")
+    b, c, h, w = x.shape
+    dev = gen.device
+    u = torch.rand(5, b, generator=gen, device=dev)  # per image: on, area, ratio, top, left
+    on = u[0] < p
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[1])
+    r = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[2])  # box height / width
+    eh = (area * r).sqrt().round().clamp(1, h)  # (B,) box height in pixels
+    ew = (area / r).sqrt().round().clamp(1, w)
+    top = ((h - eh + 1) * u[3]).floor()  # 0 .. h - eh
+    left = ((w - ew + 1) * u[4]).floor()
+    rows = torch.arange(h, device=dev)
+    cols = torch.arange(w, device=dev)
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (B, W)
+    box = (on[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (B, 1, H, W)
+    noise = torch.rand(b, c, h, w, generator=gen, device=dev, dtype=x.dtype)
+    return torch.where(box.to(x.device), noise.to(x.device), x)

@@ -24,11 +24,14 @@ from training.run import Batches, FitState, Run
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, data: Batches, batch_size: int,
-                    gen: torch.Generator, do_augment: bool, progress: Progress | None = None) -> dict:
-    """One pass over `data` in a seeded random order. Returns mean loss, accuracy and images/s."""
+                    gen: torch.Generator, do_augment: bool, progress: Progress | None = None,
+                    erase: float = 0.0) -> dict:
+    """One pass over `data` in a seeded random order. Returns mean loss, accuracy and images/s.
+
+    `gen` draws on its own device (a CUDA generator: no per-step host-device traffic, see augment)."""
     model.train()
     n = len(data)
-    order = torch.randperm(n, generator=gen).to(data.x.device)
+    order = torch.randperm(n, generator=gen, device=gen.device).to(data.x.device)
     steps = math.ceil(n / batch_size)
     loss_sum = torch.zeros((), device=data.x.device)
     correct = torch.zeros((), dtype=torch.long, device=data.x.device)
@@ -38,7 +41,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, data: Batches, batch
         xb = data.x[idx].float().div_(255)  # (B, C, H, W) in 0..1
         yb = data.y[idx]
         if do_augment:
-            xb = augment(xb, gen)
+            xb = augment(xb, gen, erase=erase)
         logits = model(data.normalise(xb))
         loss = criterion(logits, yb)
         optimizer.zero_grad(set_to_none=True)
@@ -48,7 +51,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, data: Batches, batch
         # accumulate on the device; one sync per epoch instead of one per batch
         loss_sum += loss.detach() * yb.numel()
         correct += (logits.detach().argmax(1) == yb).sum()
-        if progress is not None and progress.live:
+        if progress is not None and progress.due(step + 1):  # reading the sums syncs: only when drawing
             seen = min((step + 1) * batch_size, n)
             progress.update(step + 1, float(loss_sum) / seen, int(correct) / seen, seen)
     if not math.isfinite(float(loss_sum)):
@@ -89,7 +92,7 @@ def fit(run: Run, cfg, checkpoint_dir: Path | None = None, state: FitState | Non
         epoch = state.epoch + 1
         progress = Progress(steps, f"epoch {epoch}/{cfg.epochs}")
         tr = train_one_epoch(model, run.criterion, optimizer, run.scheduler, run.train, cfg.batch_size,
-                             run.generator, cfg.augment, progress)
+                             run.generator, cfg.augment, progress, erase=cfg.random_erase)
         progress.close()
         record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                   "images_per_s": round(tr["images_per_s"], 1), "seconds": round(tr["seconds"], 3),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -50,6 +51,9 @@ def prepare(cfg: TrainConfig, train_idx=None, val_idx=None) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if cfg.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs a fixed workspace
+    torch.use_deterministic_algorithms(cfg.deterministic)  # set either way: the manifest's config says which
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     n_train = len(ds.train_y) if cfg.limit_train is None else min(cfg.limit_train, len(ds.train_y))
     if train_idx is None:
@@ -66,7 +70,7 @@ def prepare(cfg: TrainConfig, train_idx=None, val_idx=None) -> Run:
     criterion = build_loss(cfg, train.y.cpu(), k).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_schedule(cfg, optimizer, -(-len(train) // cfg.batch_size))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # data order and augmentation, drawn on the device
     input_spec = InputSpec(channels=c, height=h, width=w, mean=tuple(mean), std=tuple(std))
     return Run(dataset=ds, device=device, train=train, val=val, test=test, model=model, criterion=criterion,
                optimizer=optimizer, scheduler=scheduler, generator=gen, input_spec=input_spec)

@@ -17,6 +17,10 @@ class Progress:
         self.start = time.perf_counter()
         self.last_draw = 0.0
 
+    def due(self, step: int) -> bool:
+        """Whether update() would draw now: the loop asks before it reads the device's numbers (a host sync)."""
+        return self.live and (time.perf_counter() - self.last_draw >= 0.1 or step >= self.total)
+
     def update(self, step: int, loss: float, acc: float, seen: int) -> None:
         now = time.perf_counter()
         if not self.live or (now - self.last_draw < 0.1 and step < self.total):
