@@ -50,6 +50,7 @@ def _check_version(folder: Path) -> dict:
     preds = load_file(folder / m["test_predictions"])  # per-image test predictions, hashed like every file
     assert preds["predictions"].shape == preds["labels"].shape == (n,) and m["test_predictions"] in m["files"]
     assert int((preds["predictions"] == preds["labels"]).sum()) == sum(cm[i][i] for i in range(len(cm)))
+    assert m["onnx"] == "model.onnx" and m["onnx"] in m["files"]  # what it computes: tests/test_export.py
     return m
 
 

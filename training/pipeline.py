@@ -22,7 +22,7 @@ from core import artifacts, registry
 from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
 from core.metrics import calibration, per_class
 from core.models import build_model, pick_device
-from training import report
+from training import export, report
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.data import channel_stats, load_dataset, split
@@ -103,6 +103,8 @@ def evaluate_and_publish(cfg: TrainConfig, run: Run, state: FitState, seconds: f
     test = evaluate(run.model, run.criterion, run.test, run.num_classes, tta_flip=cfg.tta_flip)
     manifest = _manifest(cfg, run, test, state, seconds, distributed)
     manifest, write_extras = _with_test_predictions(manifest, test["probs"].argmax(1), run.test.y)
+    # model.onnx: the served computation; pass temperature= here once calibration sets one
+    manifest, write_extras = export.with_onnx(manifest, write_extras, run.model.state_dict())
     return artifacts.publish(cfg.artifacts_dir, name, run.model.state_dict(), manifest, write_extras=write_extras)
 
 
