@@ -23,7 +23,7 @@ export ARTIFACTS_DIR MODEL_NAME MODEL_VERSION DEVICE WORKERS
 TRAIN_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	--artifacts-dir $(ARTIFACTS_DIR) $(ARGS)
 
-.PHONY: setup data train cv list promote test serve bench bento containerize clean-venv
+.PHONY: setup data tools train cv list promote test serve bench bento containerize clean-venv
 .PHONY: audit
 
 setup: $(STAMP)
@@ -44,6 +44,21 @@ data:
 		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
 	else echo "error: no Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' or set DATA_DIR=/folder/with/idx-files"; exit 1; fi
 
+# System tools the tests run, as command:Debian-package: wrk (load tests), promtool and prometheus
+# (rule checks, a real Prometheus scraping a real service). Installed like the dataset: through
+# apt-get when make runs as root, else one line naming the packages.
+TOOLS ?= wrk:wrk promtool:prometheus prometheus:prometheus
+tools:
+	@missing=$$(for t in $(TOOLS); do command -v "$${t%%:*}" >/dev/null || echo "$${t#*:}"; done | sort -u | tr '\n' ' '); \
+	missing=$${missing% }; \
+	if [ -z "$$missing" ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing $$missing from Debian (the tests run them)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		(apt-get install -y -q --no-install-recommends $$missing || (apt-get update -q && apt-get install -y -q --no-install-recommends $$missing)) >/dev/null \
+		|| { echo "error: apt-get could not install $$missing; install them and run make test again"; exit 1; }; \
+	else echo "error: the tests need the Debian package(s) $$missing: run 'sudo apt-get install $$missing'"; exit 1; fi
+
 train: setup data
 	$(PY) -m training train $(TRAIN_FLAGS)
 
@@ -57,7 +72,7 @@ promote: setup
 	$(PY) -m training promote --artifacts-dir $(ARTIFACTS_DIR) $(MODEL_NAME) $(MODEL_VERSION)
 
 # pytest exits 5 when it collected nothing: that is a failure here too.
-test: setup data
+test: setup data tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: setup
