@@ -78,8 +78,9 @@ test: setup data tools
 serve: setup
 	$(PY) -m service.cli serve --port $(PORT)
 
+# serving: MODEL if given, else lenet when it has a version, else what `make train` made
 bench: setup data
-	$(PY) -m bench
+	BENCH_MODEL=$(MODEL) $(PY) -m bench
 
 bento: setup
 	$(PY) -m deploy.bento build
