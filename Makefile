@@ -28,12 +28,14 @@ TRAIN_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)
 
 setup: $(STAMP)
 
-# Reinstall only when the pins change.
-$(STAMP): requirements.txt requirements-dev.txt
+# Reinstall only when the pins or the project's metadata change. The pins are installed from
+# requirements*.txt (the one list); the project itself (the `imgclf` command) without dependencies.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -qq --no-deps -e .   # the imgclf command; its dependencies are the pins above
 	touch $(STAMP)
 
 # Fashion-MNIST: DATA_DIR if given, else ./data, else the Debian package (installed when possible).
