@@ -23,17 +23,19 @@ export ARTIFACTS_DIR MODEL_NAME MODEL_VERSION DEVICE WORKERS
 TRAIN_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	--artifacts-dir $(ARTIFACTS_DIR) $(ARGS)
 
-.PHONY: setup data train cv list promote lint test serve bench bento containerize clean-venv
+.PHONY: setup data tools train cv list promote lint test serve bench bento containerize clean-venv
 .PHONY: audit
 
 setup: $(STAMP)
 
-# Reinstall only when the pins change.
-$(STAMP): requirements.txt requirements-dev.txt
+# Reinstall only when the pins or the project's metadata change. The pins are installed from
+# requirements*.txt (the one list); the project itself (the `imgclf` command) without dependencies.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -qq --no-deps -e .   # the imgclf command; its dependencies are the pins above
 	touch $(STAMP)
 
 # Fashion-MNIST: DATA_DIR if given, else ./data, else the Debian package (installed when possible).
@@ -43,6 +45,21 @@ data:
 		echo "installing Fashion-MNIST from Debian (dataset-fashion-mnist)"; \
 		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
 	else echo "error: no Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' or set DATA_DIR=/folder/with/idx-files"; exit 1; fi
+
+# System tools the tests run, as command:Debian-package: wrk (load tests), promtool and prometheus
+# (rule checks, a real Prometheus scraping a real service). Installed like the dataset: through
+# apt-get when make runs as root, else one line naming the packages.
+TOOLS ?= wrk:wrk promtool:prometheus prometheus:prometheus
+tools:
+	@missing=$$(for t in $(TOOLS); do command -v "$${t%%:*}" >/dev/null || echo "$${t#*:}"; done | sort -u | tr '\n' ' '); \
+	missing=$${missing% }; \
+	if [ -z "$$missing" ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing $$missing from Debian (the tests run them)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		(apt-get install -y -q --no-install-recommends $$missing || (apt-get update -q && apt-get install -y -q --no-install-recommends $$missing)) >/dev/null \
+		|| { echo "error: apt-get could not install $$missing; install them and run make test again"; exit 1; }; \
+	else echo "error: the tests need the Debian package(s) $$missing: run 'sudo apt-get install $$missing'"; exit 1; fi
 
 train: setup data
 	$(PY) -m training train $(TRAIN_FLAGS)
@@ -61,14 +78,15 @@ lint: setup
 	$(PY) -m ruff check .
 
 # pytest exits 5 when it collected nothing: that is a failure here too.
-test: setup data
+test: setup data tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: setup
 	$(PY) -m service.cli serve --port $(PORT)
 
+# serving: MODEL if given, else lenet when it has a version, else what `make train` made
 bench: setup data
-	$(PY) -m bench
+	BENCH_MODEL=$(MODEL) $(PY) -m bench
 
 bento: setup
 	$(PY) -m deploy.bento build

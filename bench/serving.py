@@ -65,13 +65,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--artifacts-dir", default=os.environ.get("ARTIFACTS_DIR", "artifacts"))
-    ap.add_argument("--model-name", default=os.environ.get("BENCH_MODEL", "lenet"))
+    ap.add_argument("--model-name", default=os.environ.get("BENCH_MODEL") or None,
+                    help="default: lenet when it has a version, else the model `make train` made (MODEL_NAME)")
     ap.add_argument("--model-version", default=os.environ.get("MODEL_VERSION") or None)
     args = ap.parse_args(argv)
     if not shutil.which("wrk"):
         sys.exit("wrk is missing: apt-get install wrk")
-    folder = artifacts.resolve(args.artifacts_dir, args.model_name, args.model_version)
+    try:
+        args.model_name = choose_model(args.artifacts_dir, args.model_name)
+        folder = artifacts.resolve(args.artifacts_dir, args.model_name, args.model_version)
+    except artifacts.ArtifactError as e:
+        sys.exit(f"error: {e}")
     version = folder.name
+    print(f"serving benchmark of {args.model_name}/{version}", flush=True)
     ds = load_dataset("fashion_mnist")
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     body = json.dumps({"images": [ds.test_x[0, 0].tolist()]}).encode()  # one 28x28 image
@@ -114,6 +120,20 @@ def main(argv=None) -> dict:
     print(f"saved {RESULTS}/serving-{stamp}.json and .png")
     shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def choose_model(root: str, asked: str | None) -> str:
+    """The model to benchmark: the one asked for (--model-name, BENCH_MODEL), else lenet when it has a
+    version (the README's figures are lenet's), else MODEL_NAME's (what `make train` made: cnn by
+    default), else any model with a version."""
+    if asked:
+        return asked
+    names = artifacts.list_names(root)
+    for name in ("lenet", os.environ.get("MODEL_NAME") or "cnn", *names):
+        if name in names:
+            return name
+    raise artifacts.ArtifactNotFound(f"no trained version under {Path(root).resolve()} to benchmark: run `make train` "
+                                     "first (`make train MODEL=lenet` for the model of the README's figures)")
 
 
 def _evaluate_run(base: str, ds, rnd: int, warm: int = 4, timed: int = 5) -> list[dict]:

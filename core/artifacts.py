@@ -210,6 +210,8 @@ def verify(folder: Path) -> Manifest:
         raise IntegrityError(f"{mf}: files[{WEIGHTS}] and weights_sha256 disagree")
     if manifest.test_predictions is not None and manifest.test_predictions not in files:
         raise IntegrityError(f"{mf} names test_predictions {manifest.test_predictions!r} but lists no hash for it")
+    if manifest.onnx is not None and manifest.onnx not in files:
+        raise IntegrityError(f"{mf} names onnx {manifest.onnx!r} but lists no hash for it")
     for rel, expected in files.items():
         p = folder / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:

@@ -13,6 +13,8 @@ artifact format is a change to this file (and to the writer that fills it in tra
       training: TrainingRecord  config, seed, libraries, history, fit verdict
       test_predictions          the file with the predicted class of every test image (None: an
                                 older version; core.registry recomputes them on demand)
+      onnx                      the file with the served computation as an ONNX graph (None: an older
+                                version; training.export writes it)
       files                     every file of the version and its sha256
 
 A manifest whose `schema_version` is not one this code reads is refused by name, as is one
@@ -141,6 +143,9 @@ class Manifest:
     # name of a file listed in `files`: safetensors with int64 `predictions` and `labels`, one per
     # evaluated test image in the order of the official test set (core.registry reads and writes it)
     test_predictions: str | None = None
+    # name of a file listed in `files`: the ONNX graph of what the service computes, uint8 pixels
+    # (N, C, H, W) -> probabilities (N, K) (training.export documents it)
+    onnx: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -169,6 +174,8 @@ class Manifest:
                  weights_sha256=self.weights_sha256, files=dict(self.files))
         if self.test_predictions is not None:  # absent in versions published before it existed
             d["test_predictions"] = self.test_predictions
+        if self.onnx is not None:  # absent in versions published before model.onnx existed
+            d["onnx"] = self.onnx
         return d
 
     @classmethod
@@ -180,7 +187,7 @@ class Manifest:
             raise ManifestError(f"manifest schema_version {schema!r} is not one this code reads "
                                 f"({', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); use the release that wrote it")
         top = {"created_at", "model", "classes", "input", "dataset", "schema_version", "name", "version",
-               "weights_sha256", "files", "test_predictions"}
+               "weights_sha256", "files", "test_predictions", "onnx"}
         tr_keys = {f.name for f in dataclasses.fields(TrainingRecord)}
         me_keys = {f.name for f in dataclasses.fields(OfflineMetrics)}
         unknown = sorted(set(d) - top - tr_keys - me_keys)
@@ -200,6 +207,7 @@ class Manifest:
                 training=_record(TrainingRecord, {k: d[k] for k in tr_keys if k in d}, "training record"),
                 weights_sha256=d["weights_sha256"], files=dict(d["files"]), schema_version=schema,
                 test_predictions=_optional_str(d.get("test_predictions"), "test_predictions"),
+                onnx=_optional_str(d.get("onnx"), "onnx"),
             )
         except ManifestError:
             raise

@@ -6,6 +6,8 @@ manifest's `model` block ({"arch", "kwargs"}) rebuilds the exact architecture.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -178,9 +180,20 @@ MODELS: dict[str, type[nn.Module]] = {"lenet": LeNet, "cnn": CNN, "resnet": ResN
 def build_model(arch: str, in_channels: int, height: int, width: int, num_classes: int, **kwargs) -> nn.Module:
     if arch not in MODELS:
         raise ValueError(f"unknown model {arch!r}; known models: {', '.join(sorted(MODELS))}")
+    builder = MODELS[arch]
+    accepted = [p for p in inspect.signature(builder).parameters if p not in ("in_channels", "height", "width",
+                                                                               "num_classes")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {arch!r} takes no argument(s) {', '.join(unknown)}; its arguments: {', '.join(accepted)}")
     # JSON turns tuples into lists; the builders take tuples
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return MODELS[arch](in_channels, height, width, num_classes, **kwargs)
+    try:
+        return builder(in_channels, height, width, num_classes, **kwargs)
+    except (TypeError, ValueError) as e:
+        if not kwargs:
+            raise
+        raise ValueError(f"model {arch!r} cannot be built with {kwargs}: {e}") from None
 
 
 def forward_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:

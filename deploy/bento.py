@@ -101,13 +101,22 @@ def containerize(tag: str | None = None) -> None:
                    cwd=ROOT, check=True)
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> None:
+    """Errors a user can fix (no version, a corrupt one, no bentoml) are one line, never a traceback."""
     try:
-        if sys.argv[1:2] == ["build"] and len(sys.argv) == 2:
+        if argv[:1] == ["build"] and len(argv) == 1:
             build()
-        elif sys.argv[1:2] == ["containerize"] and len(sys.argv) <= 3:
-            containerize(*sys.argv[2:])
+        elif argv[:1] == ["containerize"] and len(argv) <= 2:
+            containerize(*argv[1:])
         else:
             sys.exit("usage: python -m deploy.bento build | containerize [BENTO_TAG]")
     except artifacts.ArtifactError as e:
         sys.exit(f"error: {e}")
+    except FileNotFoundError as e:  # the bentoml script (or a container engine) is not where we run it
+        sys.exit(f"error: {e.filename or e} not found: run `make setup` (BentoML is pinned in requirements.txt)")
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"error: {' '.join(map(str, e.cmd))} exited with {e.returncode} (its output is above)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -68,6 +68,20 @@ def test_unknown_names_exit_2_with_the_known_ones(tmp_path, capsys, flag, value,
     assert not list(tmp_path.rglob("manifest.json"))
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "epochs must be at least 1, got 0"),
+    (["--batch-size", "-1"], "batch_size must be at least 1, got -1"),
+    (["--limit-test", "0"], "limit_test must be at least 1, got 0"),
+    (["--patience", "-1"], "patience must be 0 (off) or more epochs, got -1"),
+    (["--model-kwargs", "[8]"], 'model_kwargs must be a JSON object such as {"widths": [16, 32]}, got an array'),
+    (["--model-kwargs", '{"widths": [8]}'], "model 'mlp' takes no argument(s) widths; its arguments: hidden, dropout"),
+])
+def test_bad_values_are_one_error_line_not_a_traceback(tmp_path, capsys, args, message):
+    assert main(["train", "--model", "mlp", *TINY, "--artifacts-dir", str(tmp_path), *args]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
 def test_unknown_settings_are_refused_by_name(capsys):
     with pytest.raises(ValueError, match=r"unknown setting\(s\) epoch, lr_max; known: .*epochs.*lr"):
         make_config(epoch=3, lr_max=0.1)

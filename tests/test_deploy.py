@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
@@ -38,7 +39,8 @@ def test_alert_rules_fire_as_documented(promtool):
 
 
 def test_kubernetes_manifests_validate_strictly():
-    assert {p.name for p in MANIFESTS} >= {"deployment.yaml", "service.yaml", "hpa.yaml", "deployment-gpu.yaml"}
+    assert {p.name for p in MANIFESTS} >= {"deployment.yaml", "service.yaml", "hpa.yaml", "deployment-gpu.yaml",
+                                           "hpa-gpu.yaml"}
     kv = Path(shutil.which("kubernetes-validate") or Path(__file__).parents[1] / ".venv/bin/kubernetes-validate")
     r = _run(str(kv), "--strict", *map(str, MANIFESTS))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -59,6 +61,95 @@ def test_deployment_probes_user_and_resources():
     text = (DEPLOY / "kubernetes" / "deployment.yaml").read_text()
     for needle in ("path: /readyz", "path: /livez", "runAsNonRoot: true", "requests:", "limits:"):
         assert needle in text
+
+
+def _objects() -> dict[tuple[str, str], dict]:
+    """(kind, name) -> object, for every object of deploy/kubernetes/*.yaml."""
+    return {(o["kind"], o["metadata"]["name"]): o for p in MANIFESTS for o in yaml.safe_load_all(p.read_text()) if o}
+
+
+def test_each_autoscaler_scales_a_deployment_of_the_folder():
+    objects = _objects()
+    hpas = {name: o for (kind, name), o in objects.items() if kind == "HorizontalPodAutoscaler"}
+    assert {name: o["spec"]["scaleTargetRef"]["name"] for name, o in hpas.items()} == \
+        {"imgclf": "imgclf", "imgclf-gpu": "imgclf-gpu"}
+    for o in hpas.values():
+        ref = o["spec"]["scaleTargetRef"]
+        assert ("Deployment", ref["name"]) in objects and ref["apiVersion"] == "apps/v1"
+        assert 1 <= o["spec"]["minReplicas"] <= o["spec"]["maxReplicas"]
+    gpu_target = hpas["imgclf-gpu"]["spec"]["metrics"][0]["resource"]
+    assert gpu_target["name"] == "cpu" and gpu_target["target"] == {"type": "AverageValue", "averageValue": "2800m"}
+
+
+def test_the_gpu_deployment_gives_its_workers_the_gpu():
+    """BentoML assigns the GPU to workers (CUDA_VISIBLE_DEVICES) only for a numeric WORKERS, not cpu_count."""
+    pod = _objects()[("Deployment", "imgclf-gpu")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["DEVICE"] == "auto" and env["WORKERS"].isdigit()
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert int(env["WORKERS"]) == int(container["resources"]["limits"]["cpu"])
+
+
+# The fields of monitoring.coreos.com/v1 that these objects may use (from the operator's CRDs; the
+# operator's schemas are not vendored here, so unknown or misspelt fields are caught by these sets).
+RULE_GROUP_FIELDS = {"name", "interval", "labels", "limit", "partial_response_strategy", "query_offset", "rules"}
+RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+ENDPOINT_FIELDS = {"port", "targetPort", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
+                   "relabelings", "metricRelabelings", "params", "tlsConfig"}
+
+
+def _operator_objects() -> dict[str, dict]:
+    folder = DEPLOY / "kubernetes" / "prometheus-operator"
+    return {o["kind"]: o for p in sorted(folder.glob("*.yaml")) for o in yaml.safe_load_all(p.read_text()) if o}
+
+
+def test_the_prometheus_rule_holds_exactly_the_rules_of_alerts_yml():
+    rule = _operator_objects()["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["name"] == "imgclf"
+    assert rule["spec"] == yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    for group in rule["spec"]["groups"]:
+        assert set(group) <= RULE_GROUP_FIELDS and group["name"]
+        for r in group["rules"]:
+            assert set(r) <= RULE_FIELDS and "expr" in r and ("alert" in r) != ("record" in r)
+
+
+def test_the_checked_in_operator_files_are_what_the_generator_writes(capsys):
+    from deploy import prometheus_operator
+
+    folder = DEPLOY / "kubernetes" / "prometheus-operator"
+    assert {name: (folder / name).read_text() for name in prometheus_operator.render()} == prometheus_operator.render()
+    assert prometheus_operator.main(["--check"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_changed_alerts_yml_makes_the_check_fail(tmp_path, monkeypatch, capsys):
+    from deploy import prometheus_operator
+
+    changed = tmp_path / "alerts.yml"
+    changed.write_text((DEPLOY / "prometheus" / "alerts.yml").read_text().replace("for: 10m", "for: 15m"))
+    monkeypatch.setattr(prometheus_operator, "ALERTS", changed)
+    assert prometheus_operator.main(["--check"]) == 1
+    assert "prometheusrule.yaml is out of date with its sources" in capsys.readouterr().err
+
+
+def test_the_prometheus_rule_spec_is_a_rule_file_promtool_accepts(promtool, tmp_path):
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(_operator_objects()["PrometheusRule"]["spec"]))
+    r = _run(promtool, "check", "rules", str(tmp_path / "rules.yml"))
+    assert r.returncode == 0 and "4 rules found" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_service_monitor_scrapes_the_service_port_and_path():
+    monitor = _operator_objects()["ServiceMonitor"]
+    service = _objects()[("Service", "imgclf")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert set(endpoint) <= ENDPOINT_FIELDS
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert endpoint["interval"] == scrape["global"]["scrape_interval"]
 
 
 def metric_names_used() -> set[str]:

@@ -53,6 +53,7 @@ def _check_version(folder: Path) -> dict:
     assert int((preds["predictions"] == preds["labels"]).sum()) == sum(cm[i][i] for i in range(len(cm)))
     assert m["calibration"]["temperature"] > 0 and 0 <= m["calibration"]["ece_uncalibrated"] <= 1
     assert len(m["dataset"]["files"]) == 4  # the sha256 of the four idx files trained on
+    assert m["onnx"] == "model.onnx" and m["onnx"] in m["files"]  # what it computes: tests/test_export.py
     return m
 
 

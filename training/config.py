@@ -115,6 +115,7 @@ def make_config(**overrides) -> TrainConfig:
         merged.pop("label_smoothing", None)  # a preset's smoothing is for cross-entropy; other losses take none
     cfg = TrainConfig(**merged)
     check_names(cfg)
+    check_values(cfg)
     if not 0 <= cfg.random_erase <= 1:
         raise ValueError(f"random_erase is a probability in [0, 1], got {cfg.random_erase}")
     return cfg
@@ -134,3 +135,20 @@ def check_names(cfg: TrainConfig) -> None:
         if value not in known:
             plural = {"loss": "losses"}.get(what, what + "s")
             raise ValueError(f"unknown {what} {value!r}; known {plural}: {', '.join(known)}")
+
+
+# Settings that must be a count, refused by name before any data is loaded (0 epochs or a batch of 0
+# images would otherwise fail deep inside the loop, or train on nothing).
+AT_LEAST_ONE = ("epochs", "batch_size", "limit_train", "limit_test", "threads", "step_size")
+
+
+def check_values(cfg: TrainConfig) -> None:
+    for name in AT_LEAST_ONE:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if cfg.patience < 0:
+        raise ValueError(f"patience must be 0 (off) or more epochs, got {cfg.patience}")
+    if not isinstance(cfg.model_kwargs, dict):
+        raise ValueError(f"model_kwargs must be a JSON object such as {{\"widths\": [16, 32]}}, "
+                         f"got {'an array' if isinstance(cfg.model_kwargs, (list, tuple)) else repr(cfg.model_kwargs)}")

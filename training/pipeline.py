@@ -23,7 +23,7 @@ from core import artifacts, registry
 from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
 from core.metrics import per_class
 from core.models import build_model, pick_device
-from training import calibrate, report
+from training import calibrate, export, report
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.data import channel_stats, load_dataset, split
@@ -114,6 +114,9 @@ def evaluate_and_publish(cfg: TrainConfig, run: Run, state: FitState, seconds: f
     test["calibration"] = calibrate.calibration_block(val_logits, run.val.y.cpu(), test["logits"], run.test.y.cpu())
     manifest = _manifest(cfg, run, test, state, seconds, distributed, replay_of)
     manifest, write_extras = _with_test_predictions(manifest, test["probs"].argmax(1), run.test.y)
+    # model.onnx: the served computation, calibration temperature included
+    manifest, write_extras = export.with_onnx(manifest, write_extras, run.model.state_dict(),
+                                              temperature=test["calibration"].temperature)
     return artifacts.publish(cfg.artifacts_dir, name, run.model.state_dict(), manifest, write_extras=write_extras)
 
 
