@@ -25,15 +25,12 @@ from training.pipeline import train
 TOLERANCE = 1e-4
 
 
-def torch_probabilities(loaded, images: np.ndarray, batch: int = 1000) -> np.ndarray:
-    """The service's computation (service.inference.Classifier._pass), in passes of `batch` images."""
-    spec, tta = loaded.manifest.input, loaded.manifest.model.tta_flip
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            x = preprocess(torch.from_numpy(images[i:i + batch]), spec)
-            out.append(forward_logits(loaded.model, x, tta).softmax(1).numpy())
-    return np.concatenate(out)
+def torch_probabilities(loaded, images: np.ndarray) -> np.ndarray:
+    """What the service serves for these images: service.inference.Classifier's probabilities
+    (preprocessing, flip averaging, the calibration temperature, softmax)."""
+    from service.inference import Classifier
+
+    return Classifier(loaded, torch.device("cpu")).probabilities(images).numpy()
 
 
 def session(model_bytes_or_path) -> ort.InferenceSession:
