@@ -113,7 +113,8 @@ def _measure(args) -> dict:
             med = {k: statistics.median(r["seconds_per_call"] for r in runs
                                         if (r["model"], r["batch"], r["backend"]) == (name, batch, k))
                    for k in ("torch", "onnx")}
-            rows.append({"model": name, "version": loaded[name].version, "tta_flip": loaded[name].manifest.model.tta_flip,
+            rows.append({"model": name, "version": loaded[name].version,
+                         "tta_flip": loaded[name].manifest.model.tta_flip,
                          "batch": batch, "torch_ms": med["torch"] * 1e3, "onnx_ms": med["onnx"] * 1e3,
                          "torch_images_per_s": batch / med["torch"], "onnx_images_per_s": batch / med["onnx"],
                          "onnx_speedup": med["torch"] / med["onnx"]})

@@ -185,7 +185,8 @@ def build_model(arch: str, in_channels: int, height: int, width: int, num_classe
                                                                                "num_classes")]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"model {arch!r} takes no argument(s) {', '.join(unknown)}; its arguments: {', '.join(accepted)}")
+        raise ValueError(f"model {arch!r} takes no argument(s) {', '.join(unknown)}; "
+                         f"its arguments: {', '.join(accepted)}")
     # JSON turns tuples into lists; the builders take tuples
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:

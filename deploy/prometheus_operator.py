@@ -63,7 +63,8 @@ def render() -> dict[str, str]:
     assert alerts.startswith("groups:"), f"{ALERTS} must start with its top-level 'groups:' key"
     rule = HEADER.format(source="deploy/prometheus/alerts.yml") + PROMETHEUS_RULE.format(
         spec=textwrap.indent(alerts, "  ", lambda line: line.strip() != ""))
-    monitor = HEADER.format(source="deploy/kubernetes/service.yaml and deploy/prometheus/prometheus.yml") + SERVICE_MONITOR
+    sources = "deploy/kubernetes/service.yaml and deploy/prometheus/prometheus.yml"
+    monitor = HEADER.format(source=sources) + SERVICE_MONITOR
     return {"prometheusrule.yaml": rule, "servicemonitor.yaml": monitor}
 
 

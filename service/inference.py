@@ -38,7 +38,8 @@ class InputError(ValueError):
 
 
 def _type_name(v) -> str:
-    return "null" if v is None else {bool: "boolean", str: "string", dict: "object", list: "array"}.get(type(v), type(v).__name__)
+    names = {bool: "boolean", str: "string", dict: "object", list: "array"}
+    return "null" if v is None else names.get(type(v), type(v).__name__)
 
 
 def _reject_non_numbers(value, what: str) -> None:
@@ -201,7 +202,8 @@ def parse_npz(data: bytes, spec: InputSpec, num_classes: int,
         if "pickle" in str(e).lower():
             raise InputError("the .npz holds object arrays, which need unpickling; this service never unpickles. "
                              "Save plain uint8 images and integer labels", "pickle", 400) from None
-        raise InputError(f"not a readable .npz file ({e}); save with numpy.savez(images=..., labels=...)", "format") from None
+        raise InputError(f"not a readable .npz file ({e}); save with numpy.savez(images=..., labels=...)",
+                         "format") from None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise InputError(f"not a readable .npz file ({e.__class__.__name__}); save with "
                          "numpy.savez(images=uint8 array, labels=int array)", "format") from None
@@ -240,7 +242,8 @@ def decode_image_file(data: bytes, spec: InputSpec) -> np.ndarray:
             if img.format not in ("PNG", "JPEG"):
                 raise InputError(f"the file is a {img.format} image; send PNG or JPEG", "format", 415)
             if img.width * img.height > 4096 * 4096:
-                raise InputError(f"the image is {img.width}x{img.height}; the limit is 4096x4096 pixels", "too_big", 413)
+                raise InputError(f"the image is {img.width}x{img.height}; the limit is 4096x4096 pixels",
+                                 "too_big", 413)
             img = img.convert("L" if spec.channels == 1 else "RGB").resize((spec.width, spec.height),
                                                                            Image.Resampling.BILINEAR)
             arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays

@@ -234,7 +234,8 @@ class ImageClassifier:
                 new.warm_up()
             except Exception as e:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
                 failed = target
-                STATE.reload_error = f"promoted version {name}/{target} refused, still serving {self.model.version}: {e}"
+                STATE.reload_error = (f"promoted version {name}/{target} refused, "
+                                      f"still serving {self.model.version}: {e}")
                 log.error("RELOAD FAILED: %s", STATE.reload_error)
                 continue
             self.batchers[new.version] = Batcher(new)

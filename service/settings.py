@@ -129,7 +129,8 @@ def describe() -> str:
     def shown(default) -> str:
         return "unset" if default is None else str(int(default)) if isinstance(default, bool) else str(default)
 
-    return "\n".join(f"  {f.metadata['env']:<16}{shown(f.default):<10} {f.metadata['meaning']}" for f in fields(Settings))
+    return "\n".join(f"  {f.metadata['env']:<16}{shown(f.default):<10} {f.metadata['meaning']}"
+                     for f in fields(Settings))
 
 
 def serve_environment(root: Path) -> dict[str, str]:

@@ -24,7 +24,8 @@ def _run(seed: int = 0) -> tuple:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     data = Batches(torch.randint(0, 256, (16, 1, 4, 4), generator=g, dtype=torch.uint8),
-                   torch.randint(0, 3, (16,), generator=g), torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.25))
+                   torch.randint(0, 3, (16,), generator=g), torch.full((1, 1, 1, 1), 0.5),
+                   torch.full((1, 1, 1, 1), 0.25))
     ds = Dataset("tiny", ["a", "b", "c"], data.x, data.y, data.x, data.y, "memory")
     model = build_model(cfg.model, 1, 4, 4, 3, **cfg.model_kwargs)
     opt = build_optimizer(cfg, model.parameters())

@@ -13,9 +13,9 @@ import torch
 
 from core import artifacts
 from core.models import build_model
+from tests.conftest import tiny_manifest
 from training.__main__ import main
 from training.config import make_config
-from tests.conftest import tiny_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--limit-train", "256", "--limit-test", "128", "--epochs", "1"]

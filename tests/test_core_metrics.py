@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from core.metrics import (accuracy, calibration, confusion_matrix, mcnemar_exact, paired_difference_interval,
-                          per_class, summarize, two_proportion_test, wilson_interval)
+from core.metrics import (
+    accuracy,
+    calibration,
+    confusion_matrix,
+    mcnemar_exact,
+    paired_difference_interval,
+    per_class,
+    summarize,
+    two_proportion_test,
+    wilson_interval,
+)
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 2])
 PREDS = torch.tensor([0, 1, 1, 1, 2, 0, 2])

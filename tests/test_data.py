@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import (DEBIAN_FASHION_MNIST, FASHION_CLASSES, DataNotFound, augment, channel_stats,
-                           load_dataset, random_erase, split)
+from training.data import (
+    DEBIAN_FASHION_MNIST,
+    FASHION_CLASSES,
+    DataNotFound,
+    augment,
+    channel_stats,
+    load_dataset,
+    random_erase,
+    split,
+)
 
 STEMS = {"train-images-idx3-ubyte": (12, 28, 28), "train-labels-idx1-ubyte": (12,),
          "t10k-images-idx3-ubyte": (5, 28, 28), "t10k-labels-idx1-ubyte": (5,)}

@@ -39,4 +39,5 @@ def test_a_missing_tool_without_apt_or_root_is_one_line_naming_the_package(tmp_p
         (tmp_path / cmd).symlink_to(shutil.which(cmd))
     r = _make("tools", path=str(tmp_path))
     assert r.returncode != 0
-    assert r.stdout == "error: the tests need the Debian package(s) prometheus wrk: run 'sudo apt-get install prometheus wrk'\n"
+    assert r.stdout == ("error: the tests need the Debian package(s) prometheus wrk: "
+                        "run 'sudo apt-get install prometheus wrk'\n")

@@ -40,7 +40,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         args = typing.get_args(t)
         base = next((a for a in args if a is not type(None)), t) if args and type(None) in args else t
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = (comments.get(f.name, "") + f" (default {default!r}").lstrip() + ")" + (", model presets may change it" if any(f.name in v for v in PRESETS.values()) else "")
+        preset = ", model presets may change it" if any(f.name in v for v in PRESETS.values()) else ""
+        helptext = (comments.get(f.name, "") + f" (default {default!r}").lstrip() + ")" + preset
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif base is dict:

@@ -121,7 +121,8 @@ def load_cifar10(data_dir: str | None) -> Dataset:
             def read(paths, hashes):
                 recs = np.concatenate([np.frombuffer(_read_hashed(p, hashes), dtype=np.uint8).reshape(-1, 3073)
                                        for p in paths])
-                return torch.from_numpy(recs[:, 1:].reshape(-1, 3, 32, 32).copy()), torch.from_numpy(recs[:, 0].astype(np.int64))
+                return (torch.from_numpy(recs[:, 1:].reshape(-1, 3, 32, 32).copy()),
+                        torch.from_numpy(recs[:, 0].astype(np.int64)))
             hashes: dict[str, str] = {}
             tx, ty = read(train, hashes)
             vx, vy = read([test], hashes)

@@ -62,7 +62,8 @@ def _cross_entropy(cfg, train_labels: torch.Tensor, num_classes: int) -> nn.Modu
 def _weighted_cross_entropy(cfg, train_labels: torch.Tensor, num_classes: int) -> nn.Module:
     if cfg.class_weights is not None:
         if len(cfg.class_weights) != num_classes:
-            raise ValueError(f"class_weights has {len(cfg.class_weights)} values; the dataset has {num_classes} classes")
+            raise ValueError(f"class_weights has {len(cfg.class_weights)} values; "
+                             f"the dataset has {num_classes} classes")
         weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
     else:
         weight = inverse_frequency_weights(train_labels, num_classes)

@@ -45,7 +45,8 @@ def recorded_config(manifest: Manifest, **overrides) -> TrainConfig:
     unknown = sorted(set(recorded) - known)
     if unknown:
         raise ReplayError(f"version {manifest.name}/{manifest.version} was trained with setting(s) "
-                          f"{', '.join(unknown)} that this code does not have; replay it with the release that wrote it")
+                          f"{', '.join(unknown)} that this code does not have; "
+                          "replay it with the release that wrote it")
     bad = sorted(set(overrides) - set(REPLAY_OVERRIDES))
     assert not bad, bad
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}  # JSON lists were tuples

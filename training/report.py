@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.manifest import Calibration, Manifest
-
 import matplotlib
+
+from core.manifest import Calibration, Manifest
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,13 +73,17 @@ def markdown(m: Manifest) -> str:
     rows = "\n".join(f"| {c['label']} | {c['class_name']} | {c['precision']:.4f} | {c['recall']:.4f} | "
                      f"{c['f1']:.4f} | {c['support']} |" for c in m.metrics.per_class)
     v, spec, ds, tr = m.training.verdict, m.model, m.dataset, m.training
+    kwargs = " " + json.dumps(spec.kwargs) if spec.kwargs else ""
+    tta = ", test-time flip averaging" if spec.tta_flip else ""
+    how = (" (stopped early)" if tr.stopped_early else "") + (f", a replay of {tr.replay_of}" if tr.replay_of else "")
+    ece = _calibration_line(m.metrics.calibration)
     return f"""# {m.name} {m.version}
 
-- model: `{spec.arch}`{' ' + json.dumps(spec.kwargs) if spec.kwargs else ''}, {spec.parameters:,} parameters{', test-time flip averaging' if spec.tta_flip else ''}
+- model: `{spec.arch}`{kwargs}, {spec.parameters:,} parameters{tta}
 - dataset: {ds.name} ({ds.train} train / {ds.val} validation / {ds.test} test)
-- **test accuracy {m.metrics.test_accuracy:.4f}** (loss {m.metrics.test_loss:.4f}), expected calibration error {_calibration_line(m.metrics.calibration)}
+- **test accuracy {m.metrics.test_accuracy:.4f}** (loss {m.metrics.test_loss:.4f}), expected calibration error {ece}
 - fit: **{v['verdict']}**: {v['reason']}
-- trained {len(tr.history)} epoch(s) in {tr.training_seconds:.1f} s on {tr.device}{' (stopped early)' if tr.stopped_early else ''}{f', a replay of {tr.replay_of}' if tr.replay_of else ''}
+- trained {len(tr.history)} epoch(s) in {tr.training_seconds:.1f} s on {tr.device}{how}
 - weights sha256 `{m.weights_sha256}`
 
 | label | class | precision | recall | F1 | support |
