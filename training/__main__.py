@@ -140,7 +140,7 @@ def _registry_command(ns: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     # no abbreviations: a mistyped --epoch must be refused, not taken as --epochs
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0],
                                      allow_abbrev=False)
@@ -186,63 +186,76 @@ def main(argv: list[str] | None = None) -> int:
     p_cmp.add_argument("name")
     p_cmp.add_argument("a")
     p_cmp.add_argument("b")
-    ns = parser.parse_args(argv)
+    return parser
 
+
+def _train_command(ns) -> int:
+    original = None
+    if ns.from_version:
+        from training.replay import REPLAY_OVERRIDES, replay
+        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
+                 if getattr(ns, f.name) is not None and f.name not in REPLAY_OVERRIDES]
+        if given or ns.dry_run:
+            raise ValueError(f"--from-version reruns the recorded config; only --artifacts-dir and "
+                             f"--data-dir may be given with it, not {', '.join(given or ['--dry-run'])}")
+        folder, original = replay(ns.from_version, ns.artifacts_dir or TrainConfig.artifacts_dir, ns.data_dir)
+    else:
+        from training.pipeline import train
+        folder = train(_config(ns))
+    m = artifacts.verify(folder)
+    verdict, test = m.training.verdict, m.metrics
+    cal = test.calibration
+    print(f"calibration: temperature {cal.temperature:.4f}, test ECE {cal.ece:.4f} "
+          f"({cal.ece_uncalibrated:.4f} at temperature 1); {cal.fitted_on}")
+    print(f"fit: {verdict['verdict']} ({verdict['reason']})")
+    print(f"published {folder}")
+    print(f"test accuracy {test.test_accuracy:.4f} ({test.correct}/{test.n}), test loss {test.test_loss:.4f}, "
+          f"trained in {m.training.training_seconds:.1f} s")
+    if original is not None:
+        same = m.weights_sha256 == original.weights_sha256
+        print(f"replay of {m.training.replay_of}: weights_sha256 {m.weights_sha256[:16]}... "
+              + ("identical to the original's" if same else
+                 f"differs from the original's {original.weights_sha256[:16]}... (another device or "
+                 "library versions? compare the manifests' device and libraries)"))
+    return 0
+
+
+def _cv_command(ns) -> int:
+    from training.pipeline import cross_validate
+    s = cross_validate(_config(ns), ns.folds)
+    print(f"{s['folds']}-fold validation accuracy {s['mean_val_accuracy']:.4f} ± {s['sd_val_accuracy']:.4f}"
+          f" (report in {s['report']})")
+    return 0
+
+
+def _list_command(ns) -> int:
+    names = [ns.name] if ns.name else artifacts.list_names(ns.artifacts_dir)
+    if not names:
+        print(f"no versions under {ns.artifacts_dir}; run `make train`")
+    for name in names:
+        prom = artifacts.promoted(ns.artifacts_dir, name)
+        held = registry.aliases(ns.artifacts_dir, name)
+        for v in artifacts.list_versions(ns.artifacts_dir, name):
+            m = artifacts.read_manifest(artifacts.resolve(ns.artifacts_dir, name, v))
+            names_of_v = [a for a, held_v in held.items() if held_v == v]
+            print(f"{'*' if v == prom else ' '} {name}/{v}  test_accuracy {m.metrics.test_accuracy:.4f}  "
+                  f"{m.model.arch}  {m.created_at}" + (f"  ({', '.join(names_of_v)})" if names_of_v else ""))
+    return 0
+
+
+COMMANDS = {"train": _train_command, "cv": _cv_command, "list": _list_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
     try:
-        if ns.command == "train":
-            original = None
-            if ns.from_version:
-                from training.replay import REPLAY_OVERRIDES, replay
-                given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
-                         if getattr(ns, f.name) is not None and f.name not in REPLAY_OVERRIDES]
-                if given or ns.dry_run:
-                    raise ValueError(f"--from-version reruns the recorded config; only --artifacts-dir and "
-                                     f"--data-dir may be given with it, not {', '.join(given or ['--dry-run'])}")
-                folder, original = replay(ns.from_version, ns.artifacts_dir or TrainConfig.artifacts_dir, ns.data_dir)
-            else:
-                from training.pipeline import train
-                folder = train(_config(ns))
-            m = artifacts.verify(folder)
-            verdict, test = m.training.verdict, m.metrics
-            cal = test.calibration
-            print(f"calibration: temperature {cal.temperature:.4f}, test ECE {cal.ece:.4f} "
-                  f"({cal.ece_uncalibrated:.4f} at temperature 1); {cal.fitted_on}")
-            print(f"fit: {verdict['verdict']} ({verdict['reason']})")
-            print(f"published {folder}")
-            print(f"test accuracy {test.test_accuracy:.4f} ({test.correct}/{test.n}), test loss {test.test_loss:.4f}, "
-                  f"trained in {m.training.training_seconds:.1f} s")
-            if original is not None:
-                same = m.weights_sha256 == original.weights_sha256
-                print(f"replay of {m.training.replay_of}: weights_sha256 {m.weights_sha256[:16]}... "
-                      + ("identical to the original's" if same else
-                         f"differs from the original's {original.weights_sha256[:16]}... (another device or "
-                         "library versions? compare the manifests' device and libraries)"))
-        elif ns.command == "cv":
-            from training.pipeline import cross_validate
-            s = cross_validate(_config(ns), ns.folds)
-            print(f"{s['folds']}-fold validation accuracy {s['mean_val_accuracy']:.4f} ± {s['sd_val_accuracy']:.4f}"
-                  f" (report in {s['report']})")
-        elif ns.command == "list":
-            names = [ns.name] if ns.name else artifacts.list_names(ns.artifacts_dir)
-            if not names:
-                print(f"no versions under {ns.artifacts_dir}; run `make train`")
-            for name in names:
-                prom = artifacts.promoted(ns.artifacts_dir, name)
-                held = registry.aliases(ns.artifacts_dir, name)
-                for v in artifacts.list_versions(ns.artifacts_dir, name):
-                    m = artifacts.read_manifest(artifacts.resolve(ns.artifacts_dir, name, v))
-                    names_of_v = [a for a, held_v in held.items() if held_v == v]
-                    print(f"{'*' if v == prom else ' '} {name}/{v}  test_accuracy {m.metrics.test_accuracy:.4f}  "
-                          f"{m.model.arch}  {m.created_at}" + (f"  ({', '.join(names_of_v)})" if names_of_v else ""))
-        else:
-            return _registry_command(ns)
+        return COMMANDS.get(ns.command, _registry_command)(ns)
     except (registry.GateRefused, registry.NothingToRollBack) as e:
         print(e if str(e).startswith("refused") else f"refused: {e}", file=sys.stderr)
         return 3
     except (ValueError, artifacts.ArtifactError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
