@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from core import artifacts
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 DRY_RUN = {"epochs": 1, "limit_train": 512, "limit_test": 256}
@@ -70,15 +72,15 @@ def run_one(cmd: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd[1:])} failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
     folder = Path(ROOT, re.search(r"^published (.+)$", proc.stdout, re.M).group(1).strip())
-    m = json.loads((folder / "manifest.json").read_text())
-    hist = m["history"]
-    return {"model": m["model"]["arch"], "seed": m["seed"], "device": m["device"],
-            "parameters": m["model"]["parameters"], "epochs": len(hist),
-            "training_seconds": m["training_seconds"], "loop_seconds": round(sum(h["seconds"] for h in hist), 2),
-            "wall_seconds": round(wall, 1), "test_accuracy": m["test_accuracy"], "test_images": m["dataset"]["test"],
-            "test_is_full_official_set": m["dataset"]["test_is_full_official_set"],
-            "images_per_s_last_epoch": hist[-1]["images_per_s"], "weights_sha256": m["weights_sha256"],
-            "tta_flip": m["model"]["tta_flip"], "kwargs": m["model"]["kwargs"],
+    m = artifacts.read_manifest(folder)
+    hist, tr = m.training.history, m.training
+    return {"model": m.model.arch, "seed": tr.seed, "device": tr.device,
+            "parameters": m.model.parameters, "epochs": len(hist),
+            "training_seconds": tr.training_seconds, "loop_seconds": round(sum(h["seconds"] for h in hist), 2),
+            "wall_seconds": round(wall, 1), "test_accuracy": m.metrics.test_accuracy, "test_images": m.dataset.test,
+            "test_is_full_official_set": m.dataset.test_is_full_official_set,
+            "images_per_s_last_epoch": hist[-1]["images_per_s"], "weights_sha256": m.weights_sha256,
+            "tta_flip": m.model.tta_flip, "kwargs": m.model.kwargs,
             "command": "python -m training " + shlex.join(cmd[3:])}
 
 
