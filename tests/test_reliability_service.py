@@ -198,7 +198,7 @@ def _publish_variant(root: Path, name: str, source: str, shift: float) -> str:
     from core import artifacts
 
     folder = root / name / source
-    manifest = artifacts.read_manifest(folder).replace(files={}, test_predictions=None)
+    manifest = artifacts.read_manifest(folder).replace(files={}, test_predictions=None, onnx=None)
     state = load_file(folder / "model.safetensors")
     state = {k: (v + shift if k.endswith("bias") else v) for k, v in state.items()}
     time.sleep(1.1)  # version ids carry the publishing second
