@@ -116,7 +116,6 @@ class ModelInfo(BaseModel):
     verdict: dict
     device: str
     limits: dict
-    reload_error: str | None = None
 
 
 Images = Annotated[list[Any], Field(description="H x W lists of pixel values 0..255 (C x H x W for colour models)",
@@ -319,9 +318,10 @@ class ImageClassifier:
         info = ModelInfo(name=m.name, model_version=m.version, created_at=m.created_at, architecture=m.model,
                          classes=list(m.classes), input=m.input, dataset=m.dataset, offline_metrics=m.metrics,
                          offline_test_n=m.metrics.n, offline_test_correct=m.metrics.correct,
-                         verdict=m.training.verdict, device=str(model.device), limits=self.limits,
-                         reload_error=STATE.reload_error)
-        return JSONResponse(info.model_dump(mode="json"))
+                         verdict=m.training.verdict, device=str(model.device), limits=self.limits)
+        # reload_error: null, or why the last promoted version was refused (beside the typed answer: BentoML's
+        # OpenAPI conversion would document an optional string as a plain string)
+        return JSONResponse(info.model_dump(mode="json") | {"reload_error": STATE.reload_error})
 
 
 assert {api.route for api in ImageClassifier.apis.values()} == set(ROUTES), "service/routes.py lists every API"
