@@ -19,14 +19,15 @@ import time
 import torch
 
 from core import artifacts
-from core.models import forward_logits, preprocess
+from core.models import forward_logits, preprocess, probabilities
 from training.config import make_config
 from training.data import load_dataset
 from training.pipeline import train
 
 
 def infer(loaded, x: torch.Tensor, device: str, batch: int = 1000) -> tuple[torch.Tensor, float]:
-    spec, tta = loaded.manifest["input"], loaded.manifest["model"]["tta_flip"]
+    spec, tta = loaded.manifest.input, loaded.manifest.model.tta_flip
+    temperature = loaded.manifest.metrics.calibration.temperature
     x = x.to(device)
     out = []
     with torch.inference_mode():
@@ -36,7 +37,8 @@ def infer(loaded, x: torch.Tensor, device: str, batch: int = 1000) -> tuple[torc
                 torch.cuda.synchronize()
             t = time.perf_counter()
             for i in range(0, len(x), batch):
-                out.append(forward_logits(loaded.model, preprocess(x[i:i + batch], spec), tta).softmax(1))
+                out.append(probabilities(forward_logits(loaded.model, preprocess(x[i:i + batch], spec), tta),
+                                         temperature))
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t
@@ -52,7 +54,7 @@ def main() -> None:
     t = time.perf_counter()
     folder = train(make_config(model="lenet", epochs=2, device="cuda", artifacts_dir=root), log=print)
     train_s = time.perf_counter() - t
-    m = json.loads((folder / "manifest.json").read_text())
+    m = artifacts.verify(folder)
     ds = load_dataset("fashion_mnist")
     gpu = artifacts.load(root, "lenet", folder.name, device="cuda")
     cpu = artifacts.load(root, "lenet", folder.name, device="cpu")
@@ -66,12 +68,12 @@ def main() -> None:
     served = clf.evaluate(ds.test_x.numpy(), ds.test_y.numpy())
     summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "train_seconds": round(train_s, 1),
                "service_classifier_cuda_accuracy": served["accuracy"],
-               "service_matches_manifest": served["accuracy"] == m["test_accuracy"],
-               "manifest_device": m["device"], "manifest_test_accuracy": m["test_accuracy"],
+               "service_matches_manifest": served["accuracy"] == m.metrics.test_accuracy,
+               "manifest_device": m.training.device, "manifest_test_accuracy": m.metrics.test_accuracy,
                "reloaded_gpu_accuracy": acc_gpu, "gpu_cpu_argmax_agreement": agree,
                "max_abs_prob_diff": float((p_gpu - p_cpu).abs().max()),
                "gpu_images_per_s": round(gpu_ips), "cpu_images_per_s": round(cpu_ips),
-               "hash_verified": artifacts.verify(folder)["weights_sha256"] == m["weights_sha256"]}
+               "hash_verified": m.weights_sha256 == artifacts.sha256_file(folder / artifacts.WEIGHTS)}
     print(json.dumps(summary))
 
 
