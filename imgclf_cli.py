@@ -11,7 +11,6 @@ one: it depends on both halves, and core/ is the layer both halves (and the Bent
 
 from __future__ import annotations
 
-import os
 import sys
 
 # command -> (the CLI that runs it, what it does); training and service are imported only when used,
@@ -47,14 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if COMMANDS[command][0] == "service.cli":
         from service.cli import main as serve
-        try:
-            serve(["serve", *rest])  # replaces this process with `bentoml serve`
-        except FileNotFoundError as e:
-            print(f"error: {e.filename} not found: run `make setup` (BentoML is pinned in requirements.txt)",
-                  file=sys.stderr)
-        except ValueError:  # service.cli reads PORT with int()
-            print(f"error: PORT must be a port number, got {os.environ.get('PORT')!r}", file=sys.stderr)
-        return 2
+        return serve(["serve", *rest])  # replaces this process with `bentoml serve`, or one error line and 2
     from training.__main__ import main as training
     return training([command, *rest])
 

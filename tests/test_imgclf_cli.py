@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,14 @@ def test_dispatch_passes_flags_and_exit_codes_through(tmp_path, capsys):
 def test_serve_with_a_bad_port_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("PORT", "http")
     assert main(["serve"]) == 2
-    assert capsys.readouterr().err == "error: PORT must be a port number, got 'http'\n"
+    assert capsys.readouterr().err == "error: PORT must be a port number 1..65535, got 'http'\n"
+
+
+def test_service_cli_bad_setting_is_one_line_without_a_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PORT"} | {"PORT": "abc"}
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve"], cwd=Path(__file__).resolve().parent.parent,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert (r.returncode, r.stderr) == (2, "error: PORT must be a port number 1..65535, got 'abc'\n")
 
 
 def test_train_help_is_the_training_cli(capsys):

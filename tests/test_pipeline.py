@@ -99,9 +99,9 @@ def test_resnet_preset_trains_and_reloads_with_the_same_logits(tmp_path, monkeyp
     trained = {}
     publish = pipeline.evaluate_and_publish
 
-    def keep_model(cfg, name, ds, device, model, *args, **kwargs):
-        trained["model"] = model
-        return publish(cfg, name, ds, device, model, *args, **kwargs)
+    def keep_model(cfg, run, *args, **kwargs):
+        trained["model"] = run.model
+        return publish(cfg, run, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "evaluate_and_publish", keep_model)
     kwargs = {"widths": [16, 32, 64], "channels_last": True, "train_bf16": True}
@@ -115,7 +115,7 @@ def test_resnet_preset_trains_and_reloads_with_the_same_logits(tmp_path, monkeyp
     loaded = artifacts.load(cfg.artifacts_dir, "resnet", folder.name)
     assert sum(isinstance(b, BasicBlock) for b in loaded.model.modules()) == 6
     ds = load_dataset("fashion_mnist")
-    x = preprocess(ds.test_x[:256], m["input"])
+    x = preprocess(ds.test_x[:256], loaded.manifest.input)
     with torch.no_grad():
         ours = forward_logits(loaded.model, x, tta_flip=True)
         theirs = forward_logits(trained["model"].eval(), x, tta_flip=True)
