@@ -23,6 +23,7 @@ from core import metrics
 from core.artifacts import LoadedModel
 from core.manifest import InputSpec
 from core.models import forward_logits, preprocess, probabilities
+from service import metrics as prom
 from service import settings
 
 MAX_TOP_K = 10
@@ -379,6 +380,7 @@ class Batcher:
                     take.append(item)
                     n += len(item[0])
                 x = take[0][0] if len(take) == 1 else np.concatenate([images for images, _ in take])
+                prom.get().forward_batch_size.labels(self.classifier.version).observe(len(x))
                 try:
                     probs = await loop.run_in_executor(self.executor, self.classifier.probabilities, x)
                 except Exception as e:  # noqa: BLE001 - every waiting request hears of it

@@ -253,6 +253,7 @@ class ImageClassifier:
         """The served version's metrics: its offline accuracy, and imgclf_model_info 1 (0 for `old`)."""
         self.metrics.offline_accuracy.labels(model.version).set(model.loaded.manifest.metrics.test_accuracy)
         self.metrics.model_info.labels(name, model.version).set(1)
+        metrics.record_offline(model.version, model.classes, model.loaded.manifest.metrics)
         if old is not None:
             self.metrics.model_info.labels(name, old.version).set(0)
 
@@ -273,6 +274,7 @@ class ImageClassifier:
         m.latency.labels(route.path, model.version).observe(time.perf_counter() - t)
         m.batch_size.labels(route.path).observe(len(x))
         m.evaluated.labels(model.version).inc(answer["n"])
+        m.evaluated_correct.labels(model.version).inc(metrics.correct_of(answer["confusion_matrix"]))
         m.evaluation_accuracy.labels(model.version).set(answer["accuracy"])
         return JSONResponse(answer)
 
