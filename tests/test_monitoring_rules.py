@@ -63,9 +63,14 @@ def test_the_accuracy_alert_catches_real_trouble():
     assert (shortfall(rng.binomial(2000, 0.85, 10_000), 2000, p0) > c["z"]).mean() > 0.998
     # a full window of 3,600 images at 0.88 (2.7 points below) fires on most days
     assert days_with_an_alert(0.88, 500, rng) > 0.9
-    # the window's accuracy must fall below 0.8457 at the minimum of 500 images
-    assert shortfall(np.array([0.8457 * 500]), 500, OFFLINE_P)[0] > c["z"] > \
-        shortfall(np.array([0.846 * 500]), 500, OFFLINE_P)[0]
+    # the window's accuracy must fall below 0.8457 at the minimum of 500 images, below 0.8842 at 3,600
+    for n, bound in ((500, 0.8457), (WINDOW * BATCH, 0.8842)):
+        assert shortfall(np.array([bound * n]), n, OFFLINE_P)[0] > c["z"] > \
+            shortfall(np.array([(bound + 0.0003) * n]), n, OFFLINE_P)[0]
+    # a stream of 0.908 that drops to 0.85: the window is significant after 15 bad batches, not 14
+    def z_after(bad: int) -> float:
+        return shortfall(np.array([(WINDOW - bad) * 90.8 + bad * 85.0]), WINDOW * BATCH, OFFLINE_P)[0]
+    assert z_after(14) < c["z"] < z_after(15)
 
 
 def test_sampling_noise_alone_stays_below_the_drift_threshold():
