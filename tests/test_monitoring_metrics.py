@@ -31,7 +31,7 @@ def key(name: str, **labels) -> tuple[str, frozenset]:
 
 def test_evaluations_count_correct_answers_and_load_sets_the_offline_mix(lenet_server, lenet_version, fashion):
     _, _, version, manifest = lenet_version
-    classes, cm = manifest["classes"], manifest["metrics"]["confusion_matrix"]
+    classes, cm = manifest["classes"], manifest["confusion_matrix"]
     x, y = fashion.test_x[:, 0].numpy(), fashion.test_y.numpy()
     before = scrape(lenet_server)
 
