@@ -260,6 +260,9 @@ def test_bentoml_sync_http_client_calls_predict_and_evaluate(onnx_server, test_s
         (tmp_path / "test.npz").write_bytes(buf.getvalue())
         uploaded = client.evaluate_npz(file=tmp_path / "test.npz")
         info = client.model_info()
+        with pytest.raises(bentoml.exceptions.BentoMLException, match="got 1x27x28") as refused:
+            client.predict(images=[[[0] * 28] * 27])
+    assert refused.value.error_code == 400 and '"reason":"shape"' in str(refused.value)
     labels = np.array([p["label"] for p in predicted["predictions"]])
     assert len(labels) == 100 and all(len(p["top_k"]) == 2 for p in predicted["predictions"])
     assert evaluated["n"] == 100 and evaluated["accuracy"] == float((labels == y).mean())
