@@ -168,10 +168,19 @@ def split_body(body: bytes, header_length: bytes | None) -> tuple[object, bytes]
                              f"number 0..{len(body)} (the body's length)", "bad_header")
     try:
         return json.loads(body[:n]), body[n:]
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting thousands deep
         raise InputError(f"the inference request is not valid JSON ({e}); expected "
                          '{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [N, 28, 28], "data": [...]}]}',
                          "json") from None
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InputError(f"'parameters' of {where} must be an object, got {params!r}", "type")
+    return params
 
 
 def _nest(flat: list, dims: list[int]) -> list:
@@ -204,7 +213,7 @@ def parse_infer_request(request, binary: bytes, spec) -> tuple[np.ndarray, bool,
         raise InputError(f"input {INPUT!r} has no images (N = 0); send at least one", "empty")
     if n > max_images:
         raise InputError(f"{n} images in one request; the limit is {max_images} (MAX_IMAGES)", "too_many", 413)
-    params = tensor.get("parameters") or {}
+    params = _parameters(tensor, f"input {INPUT!r}")
     if "binary_data_size" in params:
         if params["binary_data_size"] != size or len(binary) != size or "data" in tensor:
             raise InputError(f"binary tensor data of {len(binary)} bytes (binary_data_size "
@@ -228,13 +237,13 @@ def parse_infer_request(request, binary: bytes, spec) -> tuple[np.ndarray, bool,
 def _binary_output(request: dict) -> bool:
     """Whether `probabilities` goes back as binary tensor data: the request's binary_data_output, or the
     output's own binary_data parameter. An output other than `probabilities` is refused."""
-    binary = (request.get("parameters") or {}).get("binary_data_output") is True
+    binary = _parameters(request, "the request").get("binary_data_output") is True
     outputs = request.get("outputs")
     if outputs is None:
         return binary
     if not isinstance(outputs, list) or any(not isinstance(o, dict) or o.get("name") != OUTPUT for o in outputs):
         raise InputError(f"unknown outputs {outputs!r}; this model has one output {OUTPUT!r}", "outputs")
-    return any((o.get("parameters") or {}).get("binary_data", binary) is True for o in outputs)
+    return any(_parameters(o, f"output {OUTPUT!r}").get("binary_data", binary) is True for o in outputs)
 
 
 def infer_answer(model: Classifier, probs: torch.Tensor, request_id: str | None,

@@ -242,6 +242,12 @@ def test_parse_infer_request_nests_flat_data_row_major(lenet_version):
         assert (binary, rid) == (False, None)
     with pytest.raises(InputError, match="'id' must be a string"):
         v2.parse_infer_request({**flat, "id": 3}, b"", spec)
+    for odd in ({**flat, "parameters": 7}, {**flat, "outputs": [{"name": "probabilities", "parameters": [1]}]},
+                {"inputs": [{**flat["inputs"][0], "parameters": 7}]}):
+        with pytest.raises(InputError, match="'parameters' of .* must be an object"):
+            v2.parse_infer_request(odd, b"", spec)
+    with pytest.raises(InputError, match="not valid JSON"):
+        v2.split_body(b"[" * 100_000 + b"]" * 100_000, None)
 
 
 # ------------------------------------------------------------------------------------------
