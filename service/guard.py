@@ -1,7 +1,8 @@
 """An ASGI middleware in front of the endpoints. It composes the request checks of service/limits.py
 (415, 413, the multipart upload), the documentation of service/openapi.py (/docs.json, reworded
-validation answers), the real reason on /readyz while no model is served (503), and the fast path of
-/predict. Every refused request (4xx) is counted and logged as one WARNING line.
+validation answers), the real reason on /readyz while no model is served (503), the fast path of
+/predict, and the Open Inference Protocol v2 routes under /v2 (service/v2.py: BentoML routes take no
+path parameters). Every refused request (4xx) is counted and logged as one WARNING line.
 
 It runs inside BentoML's own middlewares (metrics, timeout, max concurrency), so their figures
 include what it refuses.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-from service import limits, metrics, openapi, settings
+from service import limits, metrics, openapi, settings, v2
 from service.inference import InputError
 from service.routes import FILE, ROUTES, Route
 
@@ -145,6 +146,8 @@ class Guard:
             why = STATE.load_error or "the model is still loading"
             body = json.dumps({"error": f"not ready: {why}"}).encode()
             return await _send_json(send, 503, body, [(b"content-type", b"application/json")])
+        if scope["type"] == "http" and v2.handles(scope["path"]):  # the Open Inference Protocol (service/v2.py)
+            return await v2.handle(scope, receive, send, STATE, self.max_body_bytes)
         if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await openapi.documented_spec(self.app, scope, receive, send)
         return await self.app(scope, receive, send)

@@ -23,7 +23,7 @@ from core import metrics
 from core.artifacts import LoadedModel
 from core.manifest import InputSpec
 from core.models import forward_logits, preprocess, probabilities
-from service import settings
+from service import backends, settings
 
 MAX_TOP_K = 10
 DEFAULT_TOP_K = 3
@@ -272,6 +272,7 @@ class Classifier:
 
     loaded: LoadedModel
     device: torch.device
+    backend: str = "torch"  # the BACKEND setting: torch, onnx or auto; resolved to torch or onnx here
 
     def __post_init__(self):
         m = self.loaded.manifest
@@ -280,6 +281,10 @@ class Classifier:
         self.tta: bool = m.model.tta_flip
         # the manifest's calibration temperature (1.0 for versions published before it existed)
         self.temperature: float = m.metrics.calibration.temperature
+        # service/backends.py: onnxruntime on the version's model.onnx (temperature folded in), or torch
+        self.backend, self.backend_reason = backends.choose(self.backend, m, self.device, backends.ort_providers())
+        self._onnx = (backends.OnnxRunner(self.loaded, self.device, settings.get().torch_threads)
+                      if self.backend == "onnx" else None)
 
     def warm_up(self) -> None:
         """One small pass before the first request (or before a reloaded version is swapped in)."""
@@ -301,6 +306,8 @@ class Classifier:
 
     @torch.inference_mode()
     def _pass(self, xb: torch.Tensor) -> torch.Tensor:
+        if self._onnx is not None:
+            return torch.from_numpy(self._onnx(xb.numpy()))
         xb = preprocess(xb.to(self.device, non_blocking=True), self.spec)
         return probabilities(forward_logits(self.loaded.model, xb, self.tta), self.temperature).cpu()
 

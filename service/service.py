@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from core import artifacts
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
-from service import metrics, settings, store
+from service import metrics, settings, store, v2
 from service.guard import STATE, FastRoute, Guard
 from service.inference import (
     DEFAULT_TOP_K,
@@ -115,6 +115,7 @@ class ModelInfo(BaseModel):
     offline_test_correct: int
     verdict: dict
     device: str
+    backend: str  # torch or onnx (BACKEND; service/backends.py)
     limits: dict
 
 
@@ -173,7 +174,7 @@ def with_model(method):
     traffic={"timeout": SETTINGS.request_timeout, "max_concurrency": SETTINGS.max_concurrency},
     logging={"access": {"enabled": False}},
     # OpenTelemetry spans cost ~20% of a small request; trace the API routes only when asked (TRACING=1)
-    tracing={} if SETTINGS.tracing else {"excluded_urls": ",".join(path.lstrip("/") for path in ROUTES)},
+    tracing={} if SETTINGS.tracing else {"excluded_urls": ",".join([*(path.lstrip("/") for path in ROUTES), "v2/"])},
 )
 class ImageClassifier:
     def __init__(self) -> None:
@@ -184,6 +185,7 @@ class ImageClassifier:
             root, name, version = choose_version()
             device = pick_device(SETTINGS.device)
             loaded = artifacts.load(root, name, version, device=device)
+            model = Classifier(loaded, device, SETTINGS.backend)  # BackendError (a ValueError) when unservable
         except (artifacts.ArtifactError, ValueError, RuntimeError, OSError, bentoml.exceptions.BentoMLException) as e:
             # Stay up and say why on /readyz (503) and in the log: a bad version is never served.
             STATE.load_error = f"model {name}/{version or '(promoted or newest)'} under {root} refused: {e}"
@@ -194,7 +196,7 @@ class ImageClassifier:
             # One intra-op thread per worker: for small models, more threads only spin and contend
             # with the server and the other workers (measured in bench/; README "Benchmarks").
             torch.set_num_threads(SETTINGS.torch_threads)
-        self.model = Classifier(loaded, device)
+        self.model = model
         self.batchers = {self.model.version: Batcher(self.model)}  # adaptive batching of /predict
         self.metrics = metrics.get()
         self._announce(name, self.model)
@@ -204,8 +206,11 @@ class ImageClassifier:
         gc.collect()
         gc.freeze()
         STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict)}
+        # the Open Inference Protocol v2 routes (service/v2.py): the current model and /predict's batching
+        v2.SERVED = v2.Served(lambda: self.model, lambda m, x: self.batchers[m.version].probabilities(x))
         STATE.ready = True
-        log.info("serving %s/%s on %s", name, self.model.version, device)
+        log.info("serving %s/%s on %s with %s (%s)", name, self.model.version, device, self.model.backend,
+                 self.model.backend_reason)
         every = SETTINGS.reload_poll_s
         if every > 0 and version is None:  # a pinned MODEL_VERSION or a bundled version never changes
             threading.Thread(target=self._watch_promotions, args=(root, name, every), daemon=True,
@@ -229,7 +234,8 @@ class ImageClassifier:
             if target is None or target == self.model.version or target == failed:
                 continue
             try:
-                new = Classifier(artifacts.load(root, name, target, device=self.model.device), self.model.device)
+                new = Classifier(artifacts.load(root, name, target, device=self.model.device), self.model.device,
+                                 SETTINGS.backend)
                 new.warm_up()
             except Exception as e:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
                 failed = target
@@ -318,7 +324,8 @@ class ImageClassifier:
         info = ModelInfo(name=m.name, model_version=m.version, created_at=m.created_at, architecture=m.model,
                          classes=list(m.classes), input=m.input, dataset=m.dataset, offline_metrics=m.metrics,
                          offline_test_n=m.metrics.n, offline_test_correct=m.metrics.correct,
-                         verdict=m.training.verdict, device=str(model.device), limits=self.limits)
+                         verdict=m.training.verdict, device=str(model.device), backend=model.backend,
+                         limits=self.limits)
         # reload_error: null, or why the last promoted version was refused (beside the typed answer: BentoML's
         # OpenAPI conversion would document an optional string as a plain string)
         return JSONResponse(info.model_dump(mode="json") | {"reload_error": STATE.reload_error})
