@@ -16,21 +16,21 @@ from core import artifacts
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/:,;]+/)*([^\s'\"/:,;]*)")
 
 
-def client_reason(e: BaseException) -> tuple[str, str]:
-    """(reason code, short message) of a failed load, fit for an anonymous client: no absolute path, no
-    errno text. The artifact errors' own messages say which file and what is wrong, with paths cut to the
-    file name; an OS error says only that the artifacts cannot be read."""
-    if isinstance(e, artifacts.ArtifactNotFound):
-        reason = "model_not_found"
-    elif isinstance(e, artifacts.IntegrityError):
-        reason = "integrity"
-    elif isinstance(e, artifacts.ArtifactError):
-        reason = "invalid_artifact"
-    elif isinstance(e, OSError):
+def client_reason(e: BaseException, root: str | Path) -> tuple[str, str]:
+    """(reason code, short message) of a failed load, fit for an anonymous client: files named relative to
+    the artifacts folder `root`, no other absolute path, no errno text (an OS error says only that the
+    artifacts cannot be read). A refused name (InvalidName) is quoted as configured."""
+    if isinstance(e, OSError):
         return "artifacts_unreadable", "the model's files cannot be read on the server"
-    else:
-        return "load_failed", "the model failed to load on the server (the server log says why)"
-    return reason, _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", str(e))[:300]
+    reasons = ((artifacts.ArtifactNotFound, "model_not_found"), (artifacts.IntegrityError, "integrity"),
+               (artifacts.ArtifactError, "invalid_artifact"))
+    reason = next((code for kind, code in reasons if isinstance(e, kind)), "load_failed")
+    text = str(e)
+    if isinstance(e, artifacts.InvalidName):
+        return reason, text[:300]
+    for prefix in {str(Path(root).resolve()), str(Path(root).absolute()), str(root)}:
+        text = text.replace(prefix.rstrip("/") + "/", "")
+    return reason, _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", text)[:300]
 
 
 def backoff(first: float, most: float) -> Iterator[float]:

@@ -203,7 +203,7 @@ class ImageClassifier:
         except (artifacts.ArtifactError, ValueError, RuntimeError, OSError, bentoml.exceptions.BentoMLException) as e:
             # Stay up and say why on /readyz (503; a reason code and a short message) and in the log (the full
             # text, with server paths): a bad version is never served.
-            STATE.load_reason, STATE.load_error = recovery.client_reason(e)
+            STATE.load_reason, STATE.load_error = recovery.client_reason(e, root)
             log.error("NOT READY: model %s/%s under %s refused: %s", name, version or "(promoted or newest)", root, e)
             return False
         if device.type == "cpu":
@@ -255,7 +255,7 @@ class ImageClassifier:
                 if attempt != refused:
                     delays = recovery.backoff(every, 300)
                 refused, retry_at = attempt, time.monotonic() + next(delays)
-                reason, message = recovery.client_reason(e)
+                reason, message = recovery.client_reason(e, root)
                 STATE.reload_error = (f"promoted version {name}/{target} refused ({reason}: {message}); "
                                       f"still serving {self.model.version}")
                 log.error("RELOAD FAILED: promoted version %s/%s refused, still serving %s: %s",
