@@ -102,6 +102,8 @@ class Settings:
                         "(onnx on the CPU when the version has a model.onnx, else torch; torch on a GPU)", _backend)
     reload_poll_s: float = _var("RELOAD_POLL_S", 2, "seconds between checks for a newly promoted version (0: off)",
                                 _non_negative_float)
+    load_retry_max_s: float = _var("LOAD_RETRY_MAX_S", 30, "a worker whose model failed to load retries after 1 s, "
+                                   "doubling up to this many seconds (503 on /readyz meanwhile)", _positive_float)
     tracing: bool = _var("TRACING", False, "1: OpenTelemetry spans on the API routes too (they cost ~20% of a small "
                          "request)", _flag)
     port: int = _var("PORT", 3000, "HTTP port of `python -m service.cli serve`", _port)
