@@ -1,7 +1,8 @@
 """An ASGI middleware in front of the endpoints. It composes the request checks of service/limits.py
 (415, 413, the multipart upload), the documentation of service/openapi.py (/docs.json, reworded
-validation answers), the real reason on /readyz while no model is served (503), and the fast path of
-/predict. Every refused request (4xx) is counted and logged as one WARNING line.
+validation answers), the real reason on /readyz while no model is served (503), the fast path of
+/predict, and the Open Inference Protocol v2 routes under /v2 (service/v2.py: BentoML routes take no
+path parameters). Every refused request (4xx) is counted and logged as one WARNING line.
 
 It runs inside BentoML's own middlewares (metrics, timeout, max concurrency), so their figures
 include what it refuses.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-from service import limits, metrics, openapi, settings
+from service import limits, metrics, openapi, settings, v2
 from service.inference import InputError
 from service.routes import FILE, ROUTES, Route
 
@@ -35,12 +36,13 @@ class FastRoute:
 @dataclass
 class State:
     ready: bool = False
-    load_error: str | None = None
+    load_error: str | None = None  # why no model is served: a short message for clients (no server paths)
+    load_reason: str | None = None  # its reason code (service/recovery.py)
     fast: dict[str, FastRoute] = field(default_factory=dict)  # route path -> FastRoute, once a model is loaded
     reload_error: str | None = None  # the last promoted version that failed to load, and why
 
     def reset(self) -> None:
-        self.ready, self.load_error, self.fast = False, None, {}
+        self.ready, self.load_error, self.load_reason, self.fast = False, None, None, {}
 
 
 STATE = State()
@@ -143,8 +145,12 @@ class Guard:
         """/readyz while not ready: 503 with the reason; /docs.json: documented errors; the rest: BentoML's."""
         if scope["type"] == "http" and scope["path"] == "/readyz" and not STATE.ready:
             why = STATE.load_error or "the model is still loading"
-            body = json.dumps({"error": f"not ready: {why}"}).encode()
-            return await _send_json(send, 503, body, [(b"content-type", b"application/json")])
+            reason = STATE.load_reason or "loading"
+            body = json.dumps({"error": f"not ready: {why}", "reason": reason}).encode()
+            return await _send_json(send, 503, body, [(b"content-type", b"application/json"),
+                                                      (b"x-imgclf-reason", reason.encode())])
+        if scope["type"] == "http" and v2.handles(scope["path"]):  # the Open Inference Protocol (service/v2.py)
+            return await v2.handle(scope, receive, send, STATE, self.max_body_bytes)
         if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await openapi.documented_spec(self.app, scope, receive, send)
         return await self.app(scope, receive, send)
@@ -152,7 +158,7 @@ class Guard:
     async def _checked_body(self, route: Route, scope, receive, read: bool) -> bytes | None:
         """Check content type and size; the body when it had to be read here (an upload, a body without
         Content-Length, the fast path), None when it streams on to BentoML unread."""
-        headers = dict(scope["headers"])
+        headers = limits.request_headers(scope["headers"])
         limits.check_content_type(route, headers)
         length = limits.declared_length(headers, self.max_body_bytes)
         if not (read or length is None or route.kind == FILE):
