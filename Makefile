@@ -23,7 +23,7 @@ export ARTIFACTS_DIR MODEL_NAME MODEL_VERSION DEVICE WORKERS
 TRAIN_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	--artifacts-dir $(ARTIFACTS_DIR) $(ARGS)
 
-.PHONY: setup data tools train cv list promote lint test serve bench bento containerize clean-venv
+.PHONY: setup data tools train cv list promote lint test serve proxy bench bento containerize clean-venv
 .PHONY: audit
 
 setup: $(STAMP)
@@ -47,11 +47,12 @@ data:
 	else echo "error: no Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' or set DATA_DIR=/folder/with/idx-files"; exit 1; fi
 
 # System tools the tests run, as command:Debian-package: wrk (load tests), promtool and prometheus
-# (rule checks, a real Prometheus scraping a real service). Installed like the dataset: through
-# apt-get when make runs as root, else one line naming the packages.
-TOOLS ?= wrk:wrk promtool:prometheus prometheus:prometheus
+# (rule checks, a real Prometheus scraping a real service), nginx (the proxy of deploy/nginx/ in front
+# of a real service). Installed like the dataset: through apt-get when make runs as root, else one
+# line naming the packages. nginx lives in /usr/sbin, which a user's PATH may lack.
+TOOLS ?= wrk:wrk promtool:prometheus prometheus:prometheus nginx:nginx
 tools:
-	@missing=$$(for t in $(TOOLS); do command -v "$${t%%:*}" >/dev/null || echo "$${t#*:}"; done | sort -u | tr '\n' ' '); \
+	@missing=$$(for t in $(TOOLS); do command -v "$${t%%:*}" >/dev/null || [ -x "/usr/sbin/$${t%%:*}" ] || echo "$${t#*:}"; done | sort -u | tr '\n' ' '); \
 	missing=$${missing% }; \
 	if [ -z "$$missing" ]; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -83,6 +84,15 @@ test: setup data tools
 
 serve: setup
 	$(PY) -m service.cli serve --port $(PORT)
+
+# The proxy of the shipped deployment (deploy/nginx/nginx.conf), in the foreground, without root:
+# clients on :8080, the service (make serve) on 127.0.0.1:3000; its pid and buffers under PROXY_DIR.
+NGINX := $(or $(shell command -v nginx),/usr/sbin/nginx)
+PROXY_DIR ?= .proxy
+proxy:
+	@test -x $(NGINX) || { echo "error: no nginx: run 'make tools' as root or 'sudo apt-get install nginx'"; exit 1; }
+	mkdir -p $(PROXY_DIR)
+	$(NGINX) -p $(abspath $(PROXY_DIR))/ -c $(CURDIR)/deploy/nginx/nginx.conf -e stderr
 
 # serving: MODEL if given, else lenet when it has a version, else what `make train` made
 bench: setup data

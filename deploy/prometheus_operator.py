@@ -6,7 +6,7 @@
 prometheusrule.yaml  a PrometheusRule whose spec is deploy/prometheus/alerts.yml, copied as text (its
                      comments included): alerts.yml stays the one source of the rules, which promtool
                      tests (deploy/prometheus/alerts_test.yml)
-servicemonitor.yaml  a ServiceMonitor that scrapes /metrics on the `http` port of the Service in
+servicemonitor.yaml  a ServiceMonitor that scrapes /metrics on the `metrics` port of the Service in
                      deploy/kubernetes/service.yaml, every 15 s as prometheus.yml does
 
 tests/test_deploy.py checks that the PrometheusRule's rules equal alerts.yml's and that these files
@@ -41,7 +41,7 @@ spec:
   selector:
     matchLabels: {app.kubernetes.io/name: imgclf}   # the Service of deploy/kubernetes/service.yaml
   endpoints:
-    - port: http            # the Service's port name
+    - port: metrics         # the Service's port name (the service's own port; the proxy has no /metrics)
       path: /metrics
       interval: 15s         # as deploy/prometheus/prometheus.yml
       scrapeTimeout: 10s

@@ -119,7 +119,9 @@ class Guard:
 
     def __init__(self, app):
         self.app = app
-        self.max_body_bytes = settings.get().max_body_bytes
+        config = settings.get()
+        self.max_body_bytes = config.max_body_bytes
+        self.body_timeouts = (config.body_timeout_s, config.body_deadline_s)
 
     async def __call__(self, scope, receive, send):
         route = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -129,15 +131,18 @@ class Guard:
             scope = {**scope, "method": "POST", "headers": [h for h in scope["headers"] if h[0] != b"content-type"]}
         fast = STATE.fast.get(route.path) if scope["method"] == "POST" else None
         try:
-            body = await self._checked_body(route, scope, receive, read=fast is not None)
+            body = await self._checked_body(route, scope, receive)
         except InputError as e:
             return await refuse(scope, send, e)
         except limits.ClientGone:
-            return
-        send = watch_refusals(scope, send)
-        if body is not None:
-            receive = limits.replay(body)
-            if fast is not None and (response := await self._fast_answer(fast, body)) is not None:
+            return metrics.get().abandoned.labels(route.path).inc()
+        send, client, receive = watch_refusals(scope, send), receive, limits.replay(body)
+        if fast is not None:
+            try:  # a client that goes away is not computed for
+                response = await limits.unless_gone(client, self._fast_answer(fast, body))
+            except limits.ClientGone:
+                return metrics.get().abandoned.labels(route.path).inc()
+            if response is not None:
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -150,20 +155,18 @@ class Guard:
             return await _send_json(send, 503, body, [(b"content-type", b"application/json"),
                                                       (b"x-imgclf-reason", reason.encode())])
         if scope["type"] == "http" and v2.handles(scope["path"]):  # the Open Inference Protocol (service/v2.py)
-            return await v2.handle(scope, receive, send, STATE, self.max_body_bytes)
+            return await v2.handle(scope, receive, send, STATE, self.max_body_bytes, self.body_timeouts)
         if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await openapi.documented_spec(self.app, scope, receive, send)
         return await self.app(scope, receive, send)
 
-    async def _checked_body(self, route: Route, scope, receive, read: bool) -> bytes | None:
-        """Check content type and size; the body when it had to be read here (an upload, a body without
-        Content-Length, the fast path), None when it streams on to BentoML unread."""
+    async def _checked_body(self, route: Route, scope, receive) -> bytes:
+        """Check content type and size, then read the body here, with its timeouts (408), before any
+        endpoint or BentoML's parser waits on a slow client; BentoML gets it replayed."""
         headers = limits.request_headers(scope["headers"])
         limits.check_content_type(route, headers)
-        length = limits.declared_length(headers, self.max_body_bytes)
-        if not (read or length is None or route.kind == FILE):
-            return None
-        body = await limits.read_body(receive, self.max_body_bytes)
+        limits.declared_length(headers, self.max_body_bytes)
+        body = await limits.read_body(receive, self.max_body_bytes, *self.body_timeouts)
         if route.kind == FILE:
             await limits.check_upload(scope, body)
         return body

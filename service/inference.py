@@ -455,8 +455,12 @@ class Batcher:
                 take, n = [], 0
                 while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
                     item = self.pending.popleft()
+                    if item[1].done():  # cancelled: its client went away while it waited (service/limits.py)
+                        continue
                     take.append(item)
                     n += len(item[0])
+                if not take:
+                    continue
                 x = take[0][0] if len(take) == 1 else np.concatenate([images for images, _ in take])
                 prom.get().forward_batch_size.labels(self.classifier.version).observe(len(x))
                 try:

@@ -7,6 +7,8 @@ logged one way (service/guard.py).
 
 from __future__ import annotations
 
+import asyncio
+
 from service.inference import InputError
 from service.routes import FILE, JSON, Route
 
@@ -58,11 +60,22 @@ def declared_length(headers: dict[bytes, bytes], max_bytes: int) -> int | None:
     return n
 
 
-async def read_body(receive, max_bytes: int) -> bytes:
-    """The whole body, counted against `max_bytes` while it arrives."""
+async def read_body(receive, max_bytes: int, pause_s: float = 10, deadline_s: float = 60) -> bytes:
+    """The whole body, counted against `max_bytes` while it arrives; 408 when it pauses more than `pause_s`
+    between two chunks (BODY_TIMEOUT_S) or takes more than `deadline_s` in all (BODY_DEADLINE_S)."""
     chunks, size, more = [], 0, True
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
     while more:
-        message = await receive()
+        wait = min(pause_s, end - loop.time())
+        try:
+            async with asyncio.timeout(wait):  # a timer handle, no task: cheap on the hot path
+                message = await receive()
+        except TimeoutError:
+            what = (f"paused more than {pause_s:g} s (BODY_TIMEOUT_S)" if wait == pause_s
+                    else f"took more than {deadline_s:g} s (BODY_DEADLINE_S)")
+            raise InputError(f"the request body {what} after {size} bytes; send the whole body without "
+                             "stalling", "body_timeout", 408) from None
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
@@ -72,6 +85,31 @@ async def read_body(receive, max_bytes: int) -> bytes:
         chunks.append(chunk)
         more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+async def unless_gone(receive, work):
+    """Await `work` (a coroutine) while watching the connection, whose body was read already: when the
+    client disconnects first, `work` is cancelled where it waits (a request queued for the model leaves
+    its batch, service/inference.py Batcher) and ClientGone is raised: nobody is left to answer."""
+    task = asyncio.current_task()
+    gone = False
+
+    async def watch():
+        nonlocal gone
+        if (await receive())["type"] == "http.disconnect":
+            gone = True
+            task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientGone from None
+    finally:
+        watcher.cancel()
 
 
 def replay(body: bytes):

@@ -36,6 +36,7 @@ class Metrics:
     forward_batch_size: Histogram
     model_info: Gauge
     rejected: Counter
+    abandoned: Counter
 
 
 _metrics: Metrics | None = None
@@ -69,6 +70,8 @@ def get() -> Metrics:
                              ["model_name", "model_version"], multiprocess_mode="livemax"),
             rejected=Counter("imgclf_rejected_requests", "Requests refused with a 4xx, by reason",
                              ["endpoint", "reason"]),
+            abandoned=Counter("imgclf_abandoned_requests", "Requests whose client went away before the answer "
+                              "(not computed, or dropped from the model's queue)", ["endpoint"]),
         )
     return _metrics
 

@@ -94,6 +94,10 @@ class Settings:
     max_concurrency: int = _var("MAX_CONCURRENCY", 256, "requests in flight in the whole service; each worker takes "
                                 "ceil(MAX_CONCURRENCY / workers) of them and answers 429 above its share",
                                 _positive_int)
+    body_timeout_s: float = _var("BODY_TIMEOUT_S", 10, "seconds a request body may pause between two chunks "
+                                 "(408 after; the guard reads every body before the endpoint runs)", _positive_float)
+    body_deadline_s: float = _var("BODY_DEADLINE_S", 60, "seconds a whole request body may take to arrive (408 after)",
+                                  _positive_float)
     request_timeout: float = _var("REQUEST_TIMEOUT", 60, "seconds per request (504 after)", _positive_float)
     torch_threads: int = _var("TORCH_THREADS", 1, "intra-op threads per worker on the CPU (torch's or onnxruntime's)",
                               _positive_int)

@@ -71,10 +71,11 @@ def _json(status: int, obj: dict) -> tuple[int, bytes, list]:
     return status, json.dumps(obj).encode(), [(b"content-type", b"application/json")]
 
 
-async def handle(scope, receive, send, state, max_body_bytes: int) -> None:
+async def handle(scope, receive, send, state, max_body_bytes: int,
+                 body_timeouts: tuple[float, float] = (10, 60)) -> None:
     """Answer one /v2 request; `state` is the guard's (ready, load_error)."""
     try:
-        status, body, headers = await _answer(scope, receive, state, max_body_bytes)
+        status, body, headers = await _answer(scope, receive, state, max_body_bytes, body_timeouts)
     except limits.ClientGone:
         return
     except InputError as e:
@@ -92,7 +93,7 @@ def _method(scope, allowed: str) -> None:
         raise InputError(f"{scope['method']} {_label(scope['path'])}: this route takes {allowed}", "method", 405)
 
 
-async def _answer(scope, receive, state, max_body_bytes: int) -> tuple[int, bytes, list]:
+async def _answer(scope, receive, state, max_body_bytes: int, body_timeouts) -> tuple[int, bytes, list]:
     parts = scope["path"].rstrip("/").split("/")[2:]  # "/v2/models/x/infer" -> ["models", "x", "infer"]
     model = SERVED.current() if SERVED is not None and state.ready else None
     not_ready = {"error": f"not ready: {state.load_error or 'the model is still loading'}"}
@@ -119,7 +120,7 @@ async def _answer(scope, receive, state, max_body_bytes: int) -> tuple[int, byte
                          "unknown_model", 404)
     if rest == ["infer"]:
         _method(scope, "POST")
-        return await _infer(scope, receive, model, max_body_bytes)
+        return await _infer(scope, receive, model, max_body_bytes, body_timeouts)
     _method(scope, "GET")
     return _json(200, {"name": model.name, "ready": True} if rest else metadata(model))
 
@@ -134,7 +135,7 @@ def metadata(model: Classifier) -> dict:
             "parameters": {"classes": model.classes}}
 
 
-async def _infer(scope, receive, model: Classifier, max_body_bytes: int) -> tuple[int, bytes, list]:
+async def _infer(scope, receive, model: Classifier, max_body_bytes: int, body_timeouts) -> tuple[int, bytes, list]:
     headers = dict(scope["headers"])
     if limits.content_type(headers) not in _TAKES:
         raise InputError(f"unsupported content type {limits.content_type(headers)!r}; {INFER} takes application/json "
@@ -142,7 +143,7 @@ async def _infer(scope, receive, model: Classifier, max_body_bytes: int) -> tupl
     if headers.get(b"content-encoding", b"identity").strip().lower() not in (b"identity", b""):
         raise InputError("compressed requests are not supported; send the body uncompressed", "content_encoding", 415)
     limits.declared_length(headers, max_body_bytes)
-    body = await limits.read_body(receive, max_body_bytes)
+    body = await limits.read_body(receive, max_body_bytes, *body_timeouts)  # 408 as on every route
     request, binary = split_body(body, headers.get(b"inference-header-content-length"))
     x, binary_out, request_id = parse_infer_request(request, binary, model.spec)
     t = time.perf_counter()

@@ -41,7 +41,7 @@ def test_alert_rules_fire_as_documented(promtool):
 
 def test_kubernetes_manifests_validate_strictly():
     assert {p.name for p in MANIFESTS} >= {"deployment.yaml", "service.yaml", "hpa.yaml", "deployment-gpu.yaml",
-                                           "hpa-gpu.yaml"}
+                                           "hpa-gpu.yaml", "proxy-configmap.yaml"}
     kv = Path(shutil.which("kubernetes-validate") or Path(__file__).parents[1] / ".venv/bin/kubernetes-validate")
     r = _run(str(kv), "--strict", *map(str, MANIFESTS))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -85,7 +85,7 @@ def test_each_autoscaler_scales_a_deployment_of_the_folder():
 def test_the_gpu_deployment_gives_its_workers_the_gpu():
     """BentoML assigns the GPU to workers (CUDA_VISIBLE_DEVICES) only for a numeric WORKERS, not cpu_count."""
     pod = _objects()[("Deployment", "imgclf-gpu")]["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "imgclf"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["DEVICE"] == "auto" and env["WORKERS"].isdigit()
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -181,3 +181,54 @@ def test_every_recorded_series_the_dashboard_and_alerts_read_is_a_rule_of_alerts
     assert {"model_version:imgclf_evaluated_accuracy:ratio6h", "model_version:imgclf_accuracy_shortfall:z6h",
             "model_version:imgclf_prediction_share:tvd1h"} <= read
     assert read <= recorded, sorted(read - recorded)
+
+
+# --- the proxy sidecar (deploy/nginx/nginx.conf; tests/test_proxy.py runs it in front of a real server)
+
+@pytest.mark.parametrize("deployment", ["imgclf", "imgclf-gpu"])
+def test_each_deployment_runs_the_shipped_proxy_in_front_of_the_service(deployment):
+    """Clients reach the pod only through the proxy: the Service's client port targets the sidecar's port,
+    whose nginx runs the ConfigMap of deploy/nginx/nginx.conf; the probes and Prometheus reach the service."""
+    objects = _objects()
+    pod = objects[("Deployment", deployment)]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"imgclf", "proxy"}
+    service, proxy = containers["imgclf"], containers["proxy"]
+    ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c["ports"]}
+    assert ports == {"http": 3000, "proxy": 8080}
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    assert re.search(r"^\s+listen 8080\b", conf, re.M) and re.search(r"^\s+server 127\.0\.0\.1:3000\b", conf, re.M)
+    # the sidecar's nginx reads the mounted ConfigMap, which is nginx.conf verbatim, and writes only its emptyDir
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
+    config_dir = proxy["command"][proxy["command"].index("-c") + 1].rsplit("/", 1)[0]
+    assert volumes[mounts[config_dir]]["configMap"]["name"] == "imgclf-proxy"
+    prefix = proxy["command"][proxy["command"].index("-p") + 1].rstrip("/")
+    assert "emptyDir" in volumes[mounts[prefix]] and proxy["securityContext"]["readOnlyRootFilesystem"] is True
+    configmap = objects[("ConfigMap", "imgclf-proxy")]
+    assert configmap["data"]["nginx.conf"] == conf
+    # the Service: clients to the proxy, Prometheus to the service's own port (the proxy answers /metrics 404)
+    svc_ports = {p["name"]: p["targetPort"] for p in objects[("Service", "imgclf")]["spec"]["ports"]}
+    assert svc_ports == {"http": "proxy", "metrics": "http"}
+    assert re.search(r"location = /metrics \{\s*return 404;", conf)
+    assert {service["readinessProbe"]["httpGet"]["port"], service["livenessProbe"]["httpGet"]["port"]} == {"http"}
+    assert pod.get("securityContext", {}).get("runAsNonRoot") is True  # nginx too: no root, port 8080
+
+
+def test_the_proxy_configmap_is_what_the_generator_writes(capsys, tmp_path, monkeypatch):
+    from deploy import proxy_configmap
+
+    assert proxy_configmap.main(["--check"]) == 0 and capsys.readouterr().err == ""
+    changed = tmp_path / "nginx.conf"
+    changed.write_text(proxy_configmap.SOURCE.read_text().replace("client_body_timeout 10s", "client_body_timeout 60s"))
+    monkeypatch.setattr(proxy_configmap, "SOURCE", changed)
+    assert proxy_configmap.main(["--check"]) == 1
+    assert "proxy-configmap.yaml is out of date" in capsys.readouterr().err
+
+
+def test_the_shipped_nginx_config_is_valid_for_nginx(tmp_path):
+    """nginx -t with the shipped file, unprivileged paths under a prefix (as make proxy and the sidecar run it)."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).exists(), "nginx missing: make tools (apt-get install nginx)"
+    r = _run(nginx, "-t", "-p", f"{tmp_path}/", "-c", str(DEPLOY / "nginx" / "nginx.conf"), "-e", "stderr")
+    assert r.returncode == 0 and "test is successful" in r.stderr, r.stdout + r.stderr
