@@ -105,6 +105,7 @@ def test_backends_answer_alike_in_process(lenet_version, test_set):
     assert torch.equal(pt.argmax(1), po.argmax(1)) and (pt - po).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_onnx_and_torch_servers_give_the_same_answers(onnx_server, torch_server, test_set):
     x, y = test_set[0][:1000].tolist(), test_set[1][:1000].tolist()
     info = {s: httpx.get(s.url + "/model_info", timeout=60).json() for s in (onnx_server, torch_server)}
@@ -123,6 +124,7 @@ def test_onnx_and_torch_servers_give_the_same_answers(onnx_server, torch_server,
     assert ev[0].json() == ev[1].json()  # the same figures, to the last count and p-value
 
 
+@pytest.mark.slow
 def test_onnx_backend_refuses_a_version_without_model_onnx(lenet_version, tmp_path):
     """BACKEND=onnx is an explicit choice: an old version is not served by torch behind the operator's back."""
     root, version = without_onnx(lenet_version, tmp_path)
@@ -140,6 +142,7 @@ def test_onnx_backend_refuses_a_version_without_model_onnx(lenet_version, tmp_pa
 # the Open Inference Protocol v2, with the official client
 
 
+@pytest.mark.slow
 def test_tritonclient_gets_the_argmax_of_predict(onnx_server, test_set):
     x = test_set[0][:64]
     client = triton.InferenceServerClient(onnx_server.url.removeprefix("http://"))
@@ -208,6 +211,7 @@ V2_REFUSALS = [  # (request kwargs, status, words of the message)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw,status,words", V2_REFUSALS, ids=[w for _, _, w in V2_REFUSALS])
 def test_v2_refusals_are_4xx_in_the_protocol_error_format(onnx_server, kw, status, words):
     r = _infer(onnx_server, **kw)
@@ -215,6 +219,7 @@ def test_v2_refusals_are_4xx_in_the_protocol_error_format(onnx_server, kw, statu
     assert list(r.json()) == ["error"] and words in r.json()["error"], r.text
 
 
+@pytest.mark.slow
 def test_v2_other_refusals_and_the_server_keeps_serving(torch_server):
     body = json.dumps(_tensor([1, 28, 28], IMG)).encode()
     r = _infer(torch_server, content=body + b" " * (8 * 2**20))  # over MAX_BODY_MB=8
@@ -255,6 +260,7 @@ def test_parse_infer_request_nests_flat_data_row_major(lenet_version):
 
 
 # the client imports BentoML's build code, whose pathspec warns of its own deprecated pattern class
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
 def test_bentoml_sync_http_client_calls_predict_and_evaluate(onnx_server, test_set, tmp_path):
     x, y = test_set[0][:100], test_set[1][:100]
