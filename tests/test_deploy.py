@@ -22,7 +22,7 @@ def _run(*cmd, cwd=None):
 @pytest.fixture(scope="module")
 def promtool():
     path = shutil.which("promtool")
-    assert path, "promtool missing: apt-get install prometheus (.ci/run does)"
+    assert path, "promtool missing: make tools (apt-get install prometheus)"
     return path
 
 

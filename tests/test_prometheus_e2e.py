@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def prometheus(lenet_server, tmp_path_factory):
     binary = shutil.which("prometheus")
-    assert binary, "prometheus missing: apt-get install prometheus (.ci/run does)"
+    assert binary, "prometheus missing: make tools (apt-get install prometheus)"
     d = tmp_path_factory.mktemp("prometheus")
     target = lenet_server.url.removeprefix("http://")
     # the shipped file, with only the target and the intervals changed for a test of seconds
