@@ -10,6 +10,7 @@ include what it refuses.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-from service import limits, metrics, openapi, settings, v2
+from service import limits, metrics, offload, openapi, settings, v2
 from service.inference import InputError
 from service.routes import FILE, ROUTES, Route
 
@@ -31,6 +32,10 @@ class FastRoute:
 
     input_model: type  # pydantic model (BentoML's APIMethod.input_spec)
     call: Callable
+    # a body over offload.LARGE_BODY_BYTES: parse(body) -> (header, payload) runs in a child process,
+    # answer(header, payload) answers from it in the worker (service/offload.py)
+    parse: Callable[[bytes], tuple[dict, bytes]] | None = None
+    answer: Callable | None = None
 
 
 @dataclass
@@ -136,15 +141,17 @@ class Guard:
             return await refuse(scope, send, e)
         except limits.ClientGone:
             return metrics.get().abandoned.labels(route.path).inc()
-        send, client, receive = watch_refusals(scope, send), receive, limits.replay(body)
+        client, receive = receive, limits.replay(body)
         if fast is not None:
             try:  # a client that goes away is not computed for
                 response = await limits.unless_gone(client, self._fast_answer(fast, body))
             except limits.ClientGone:
                 return metrics.get().abandoned.labels(route.path).inc()
             if response is not None:
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+                # a 2xx goes straight out; only a refusal needs the watching send (counted and logged)
+                return await response(scope, receive, send if response.status_code < 400
+                                      else watch_refusals(scope, send))
+        return await self.app(scope, receive, watch_refusals(scope, send))
 
     async def _not_an_api(self, scope, receive, send):
         """/readyz while not ready: 503 with the reason; /docs.json: documented errors; the rest: BentoML's."""
@@ -175,7 +182,14 @@ class Guard:
     async def _fast_answer(fast: FastRoute, body: bytes):
         """The hot path: a body BentoML's input model accepts goes straight to the same endpoint method
         BentoML would call, skipping its routing and response machinery (README "Benchmarks"). A body it
-        refuses returns None and takes BentoML's route, so pydantic's answers stay exactly as documented."""
+        refuses returns None and takes BentoML's route, so pydantic's answers stay exactly as documented.
+        A large body is parsed in a child process, off the event loop (service/offload.py)."""
+        if fast.parse is not None and len(body) > offload.LARGE_BODY_BYTES:
+            try:
+                header, payload = await offload.run(functools.partial(fast.parse, body))
+            except offload.ChildFailed:
+                return None  # pydantic refused it (or the child died): BentoML's route answers
+            return await fast.answer(header, payload)
         try:
             inputs = fast.input_model.model_validate_json(body or b"{}")  # as BentoML's JSON serde parses it
         except ValidationError:

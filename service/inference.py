@@ -31,6 +31,8 @@ from service import metrics as prom
 
 MAX_TOP_K = 10
 DEFAULT_TOP_K = 3
+# CPU passes up to this many images run on the event loop (Batcher): LeNet takes well under 2 ms for them
+INLINE_MAX_IMAGES = 64
 
 
 class InputError(ValueError):
@@ -424,17 +426,21 @@ class Classifier:
 
 
 class Batcher:
-    """Adaptive batching for /predict: images of requests that arrive while a forward pass runs are
-    stacked into the next one, up to `max_batch` images.
+    """Adaptive batching for /predict: images of requests that arrive together, or while a forward
+    pass runs, are stacked into one pass, up to `max_batch` images.
 
-    There is no waiting window: an image that finds the model idle runs at once, so batching adds
-    no latency at low load and never refuses a request (BentoML's own adaptive batching answers
-    503 when it cannot meet its latency target, and would change the answer's shape). The forward
-    pass runs on one inference thread, leaving the event loop free to read the next requests.
+    There is no waiting window: an image that finds the model idle runs in the event loop's next
+    step, so batching adds no latency at low load and never refuses a request (BentoML's own adaptive
+    batching answers 503 when it cannot meet its latency target, and would change the answer's shape).
+    On the CPU a pass of at most `inline_max` images runs on the event loop itself: handing it to a
+    thread and back cost more than the pass (two thread wake-ups and the loop's self-pipe per request,
+    README "Benchmarks"). Larger passes, and every pass on a GPU, run on one inference thread, leaving
+    the event loop free to read the next requests meanwhile.
     """
 
-    def __init__(self, classifier: Classifier, max_batch: int = 256):
+    def __init__(self, classifier: Classifier, max_batch: int = 256, inline_max: int = INLINE_MAX_IMAGES):
         self.classifier, self.max_batch = classifier, max_batch
+        self.inline_max = inline_max if classifier.device.type == "cpu" else 0
         self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self.draining = False
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-infer")
@@ -445,26 +451,34 @@ class Batcher:
         self.pending.append((images, future))
         if not self.draining:
             self.draining = True
+            # a task's first step runs after the steps already due: requests read together batch together
             loop.create_task(self._drain())
         return await future
+
+    def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+        take, n = [], 0
+        while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
+            item = self.pending.popleft()
+            if item[1].done():  # cancelled: its client went away while it waited (service/limits.py)
+                continue
+            take.append(item)
+            n += len(item[0])
+        return take
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self.pending:
-                take, n = [], 0
-                while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
-                    item = self.pending.popleft()
-                    if item[1].done():  # cancelled: its client went away while it waited (service/limits.py)
-                        continue
-                    take.append(item)
-                    n += len(item[0])
+                take = self._take()
                 if not take:
                     continue
                 x = take[0][0] if len(take) == 1 else np.concatenate([images for images, _ in take])
                 prom.get().forward_batch_size.labels(self.classifier.version).observe(len(x))
                 try:
-                    probs = await loop.run_in_executor(self.executor, self.classifier.probabilities, x)
+                    if len(x) <= self.inline_max:
+                        probs = self.classifier.probabilities(x)
+                    else:
+                        probs = await loop.run_in_executor(self.executor, self.classifier.probabilities, x)
                 except Exception as e:  # noqa: BLE001 - every waiting request hears of it
                     for _, future in take:
                         if not future.done():

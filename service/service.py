@@ -219,7 +219,8 @@ class ImageClassifier:
         # so full collections stop scanning them (they caused 100+ ms pauses; see README).
         gc.collect()
         gc.freeze()
-        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict)}
+        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict,
+                                              self._parse_predict_body, self._predict_parsed)}
         # the Open Inference Protocol v2 routes (service/v2.py): the current model and /predict's batching
         v2.SERVED = v2.Served(lambda: self.model, lambda m, x: m.batcher.probabilities(x))
         STATE.ready = True
@@ -293,6 +294,26 @@ class ImageClassifier:
         for p in preds:
             m.predictions.labels(model.version, p["class_name"]).inc()
         return JSONResponse({"model_version": model.version, "predictions": preds})
+
+    def _parse_predict_body(self, body: bytes) -> tuple[dict, bytes]:
+        """A large /predict body -> (header, uint8 pixels), computed in a child process (service/offload.py):
+        the same checks as `predict`; a body BentoML's input model refuses raises (BentoML's route answers)."""
+        model = self.model
+        inputs = ImageClassifier.apis["predict"].input_spec.model_validate_json(body)
+        try:
+            x, top_k = parse_predict_request({"images": inputs.images, "top_k": inputs.top_k}, model.spec,
+                                             len(model.classes))
+        except InputError as e:
+            return {"refused": str(e), "reason": e.reason, "status": e.status}, b""
+        return {"shape": list(x.shape), "top_k": top_k}, x.tobytes()
+
+    @with_model
+    async def _predict_parsed(self, model: Classifier, header: dict, payload: bytes) -> JSONResponse:
+        """`predict`'s answer from what _parse_predict_body computed."""
+        if "refused" in header:
+            raise InputError(header["refused"], header["reason"], header["status"])
+        x = np.frombuffer(bytearray(payload), np.uint8).reshape(header["shape"])
+        return await self._predict(model, PREDICT, x, header["top_k"])
 
     def _evaluate(self, model: Classifier, route: Route, x: np.ndarray, y: np.ndarray) -> JSONResponse:
         t = time.perf_counter()
