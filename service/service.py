@@ -217,7 +217,9 @@ class ImageClassifier:
         # so full collections stop scanning them (they caused 100+ ms pauses; see README).
         gc.collect()
         gc.freeze()
-        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict)}
+        # the endpoint itself: once BentoML has set up the service, `self.predict` is its self-calling proxy
+        # (a retried load runs then); `.local` is the method as called in-process
+        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict.local)}
         STATE.ready = True
         log.info("serving %s/%s on %s", name, self.model.version, device)
         every = SETTINGS.reload_poll_s
