@@ -219,7 +219,8 @@ class ImageClassifier:
         # so full collections stop scanning them (they caused 100+ ms pauses; see README).
         gc.collect()
         gc.freeze()
-        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict,
+        # self.predict.local: once BentoML has set the service up, self.predict is its self-calling proxy
+        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict.local,
                                               self._parse_predict_body, self._predict_parsed)}
         # the Open Inference Protocol v2 routes (service/v2.py): the current model and /predict's batching
         v2.SERVED = v2.Served(lambda: self.model, lambda m, x: m.batcher.probabilities(x))
