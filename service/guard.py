@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-from service import limits, metrics, openapi, settings
+from service import admission, limits, metrics, openapi, settings
 from service.inference import InputError
 from service.routes import FILE, ROUTES, Route
 
@@ -82,8 +82,9 @@ async def refuse(scope, send, e: InputError) -> None:
     """The guard's own refusal: {"error", "reason"} with the reason also in a header, counted and logged."""
     body = json.dumps({"error": str(e), "reason": e.reason}).encode()
     _note_refusal(scope, e.status, e.reason, body)
+    retry = [(b"retry-after", str(e.retry_after).encode())] if getattr(e, "retry_after", None) else []
     await _send_json(send, e.status, body, [(b"content-type", b"application/json"),
-                                            (b"x-imgclf-reason", e.reason.encode())])
+                                            (b"x-imgclf-reason", e.reason.encode()), *retry])
 
 
 def watch_refusals(scope, send):
@@ -118,6 +119,7 @@ class Guard:
     def __init__(self, app):
         self.app = app
         self.max_body_bytes = settings.get().max_body_bytes
+        self.admission = admission.for_this_worker(settings.get().max_concurrency, settings.get().heavy_concurrency)
 
     async def __call__(self, scope, receive, send):
         route = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -126,12 +128,19 @@ class Guard:
         if route.also_get and scope["method"] == "GET":  # read with an empty body, as the POST
             scope = {**scope, "method": "POST", "headers": [h for h in scope["headers"] if h[0] != b"content-type"]}
         fast = STATE.fast.get(route.path) if scope["method"] == "POST" else None
-        try:
-            body = await self._checked_body(route, scope, receive, read=fast is not None)
+        try:  # the whole body first: a slow one holds no place in the concurrency limits
+            body = await self._checked_body(route, scope, receive, read=True)
+            self.admission.enter(route.path)
         except InputError as e:
             return await refuse(scope, send, e)
         except limits.ClientGone:
             return
+        try:
+            return await self._admitted(fast, body, scope, receive, send)
+        finally:  # the answer sent, an error, the client gone or a time-out (a cancellation)
+            self.admission.leave(route.path)
+
+    async def _admitted(self, fast: FastRoute | None, body: bytes | None, scope, receive, send):
         send = watch_refusals(scope, send)
         if body is not None:
             receive = limits.replay(body)
