@@ -109,3 +109,82 @@ def test_a_replacement_worker_starts_its_slot_from_zero_and_stale_files_are_remo
     assert sorted(remove_stale(tmp_path)) == sorted([gone, reused])
     assert path.exists()  # the live server's file stays
     replacement.close()
+
+
+# ------------------------------------------------------------------------------------------
+# the default worker count on a GPU host (service/placement.py), CUDA faked
+
+@pytest.fixture
+def fake_host(monkeypatch):
+    """A host with `gpus` CUDA GPUs and `cpus` cores, as torch and BentoML see it."""
+    import torch
+    from bentoml._internal import resource
+
+    def make(gpus: int, cpus: int):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(resource.CpuResource, "from_system", classmethod(lambda cls: float(cpus)))
+        monkeypatch.setattr(resource.NvidiaGpuResource, "from_system", classmethod(lambda cls: list(range(gpus))))
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        monkeypatch.delenv("BENTOML_DISABLE_GPU_ALLOCATION", raising=False)
+    return make
+
+
+def _bentoml_worker_env(p) -> tuple[int, dict]:
+    """What BentoML's own allocator gives the workers of a service declared with placement `p`."""
+    import warnings
+    from types import SimpleNamespace
+
+    with warnings.catch_warnings():  # pathspec's deprecation, raised while BentoML's SDK is imported
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from _bentoml_impl.server.allocator import ResourceAllocator
+
+    config = {"imgclf": {"workers": p.workers, "resources": p.resources}}
+    return ResourceAllocator().get_worker_env(SimpleNamespace(name="imgclf"), services=config)
+
+
+def test_on_one_gpu_the_default_is_8_workers_each_given_the_gpu_by_bentoml(fake_host):
+    from service import placement
+    from service.settings import Settings
+
+    fake_host(gpus=1, cpus=16)
+    for device in ("auto", "cuda"):
+        s = Settings.from_env({"DEVICE": device})
+        p = placement.detect(s)
+        assert (p.workers, p.resources, p.gpus) == (8, {"gpu": 1}, 1)
+        assert _bentoml_worker_env(p) == (8, {"CUDA_VISIBLE_DEVICES": "0"})  # every worker pinned to the GPU
+        assert {placement.worker_device(s, p, i) for i in range(1, 9)} == {device}
+    fake_host(gpus=1, cpus=2)  # never more workers than cores
+    assert placement.detect(Settings()).workers == 2
+    # what the default was before: cpu_count workers, to which BentoML assigns no GPU at all
+    assert _bentoml_worker_env(placement.Placement("cpu_count", {"gpu": 1}, 1)) == (2, {})
+
+
+def test_on_two_gpus_each_worker_uses_one_gpu_and_they_are_spread_evenly(fake_host):
+    from collections import Counter
+
+    from service import placement
+    from service.settings import Settings
+
+    fake_host(gpus=2, cpus=32)
+    s = Settings()
+    p = placement.detect(s)
+    assert (p.workers, p.resources) == (16, {"gpu": 2})
+    assert _bentoml_worker_env(p) == (16, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert Counter(placement.worker_device(s, p, i) for i in range(1, 17)) == {"cuda:0": 8, "cuda:1": 8}
+    pinned = Settings.from_env({"DEVICE": "cuda:1"})  # one named GPU: 8 workers on it, all GPUs kept visible
+    p = placement.detect(pinned)
+    assert (p.workers, p.resources, placement.worker_device(pinned, p, 3)) == (8, {"gpu": 2}, "cuda:1")
+
+
+def test_on_the_cpu_or_with_workers_set_the_count_is_as_before(fake_host):
+    from service import placement
+    from service.settings import Settings
+
+    fake_host(gpus=1, cpus=16)
+    assert placement.detect(Settings.from_env({"DEVICE": "cpu"})) == placement.Placement("cpu_count", {"cpu": "1"}, 0)
+    assert placement.detect(Settings.from_env({"WORKERS": "3"})).workers == 3
+    assert placement.detect(Settings.from_env({"WORKERS_PER_GPU": "4"})).workers == 4
+    assert Settings.from_env({"WORKERS": ""}).workers is None  # `make` passes an unset WORKERS as ""
+    fake_host(gpus=0, cpus=16)
+    assert placement.detect(Settings()).workers == "cpu_count"
