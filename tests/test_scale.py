@@ -188,3 +188,23 @@ def test_on_the_cpu_or_with_workers_set_the_count_is_as_before(fake_host):
     assert Settings.from_env({"WORKERS": ""}).workers is None  # `make` passes an unset WORKERS as ""
     fake_host(gpus=0, cpus=16)
     assert placement.detect(Settings()).workers == "cpu_count"
+
+
+# ------------------------------------------------------------------------------------------
+# the device check of serving (bench/gpu_serve.py), tiny and on the CPU so it is known to run
+
+@pytest.mark.slow
+def test_the_serving_device_check_runs_tiny_on_the_cpu(lenet_version, capsys):
+    from bench import gpu_serve
+
+    root, name, _, _ = lenet_version
+    out = gpu_serve.main(["--artifacts-dir", str(root), "--model-name", name, "--devices", "cpu",
+                          "--connections", "2", "4", "--seconds", "2", "--processes", "2", "--npz-images", "500"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    cpu = out["cpu"]
+    assert cpu["device"] == "cpu" and cpu["workers"] == os.cpu_count()  # the default: one worker per core
+    assert [r["connections"] for r in cpu["load"]] == [2, 4]
+    for r in cpu["load"]:
+        assert r["requests"] > 0 and r["non_2xx"] == 0 and r["statuses"] == {"200": r["requests"]}, r
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    assert 0 < cpu["evaluate_npz_500_s"]["best"] <= cpu["evaluate_npz_500_s"]["median"]
