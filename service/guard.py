@@ -3,8 +3,9 @@
 validation answers), the real reason on /readyz while no model is served (503), and the fast path of
 /predict. Every refused request (4xx) is counted and logged as one WARNING line.
 
-It runs inside BentoML's own middlewares (metrics, timeout, max concurrency), so their figures
-include what it refuses.
+It runs inside BentoML's own middlewares (metrics, timeout), so their figures include what it refuses.
+It also admits each API request, once its body has arrived, under MAX_CONCURRENCY (counted over all
+workers) and HEAVY_CONCURRENCY (service/admission.py).
 """
 
 from __future__ import annotations
