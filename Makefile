@@ -15,7 +15,7 @@ ARTIFACTS_DIR ?= artifacts
 MODEL_NAME ?= $(if $(MODEL),$(MODEL),cnn)
 MODEL_VERSION ?=
 DEVICE ?= auto
-WORKERS ?= cpu_count
+WORKERS ?=
 PYTEST_ARGS ?=
 
 export ARTIFACTS_DIR MODEL_NAME MODEL_VERSION DEVICE WORKERS
@@ -152,10 +152,18 @@ results: setup data
 	$(PY) -m $(if $(filter cuda%,$(DEVICE)),bench.gpu_train $(if $(GPU_JSON),--render $(GPU_JSON)),bench.results_table)
 
 # What a GPU machine without internet needs besides the tracked tree: the four Fashion-MNIST .gz files in
-# an ignored folder that travels with it (docs/training-results.md, "GPU", has the command run there).
+# an ignored folder that travels with it (docs/training-results.md, "GPU", has the command run there),
+# and wheels of the serving stack for its Python 3.12 (it has torch, not BentoML). There:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target .site gpu-bundle/wheels/*.whl
+#   PYTHONPATH=.site:. python3 -m bench.gpu_serve --artifacts-dir /tmp/gpu-art   (the serving check, issue 11)
 GPU_BUNDLE := gpu-bundle
+GPU_WHEELS := bentoml|pydantic|prometheus-client|starlette|uvicorn|httpx
 gpu-bundle: data
 	mkdir -p $(GPU_BUNDLE)/fashion-mnist
 	cp $(addprefix $(if $(DATA_DIR),$(DATA_DIR),$(FMNIST))/,train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 		t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz) $(GPU_BUNDLE)/fashion-mnist/
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d $(GPU_BUNDLE)/wheels \
+		$$(grep -E '^($(GPU_WHEELS))==' requirements.txt)
 	@du -sh $(GPU_BUNDLE)

@@ -4,8 +4,9 @@ validation answers), the real reason on /readyz while no model is served (503), 
 /predict, and the Open Inference Protocol v2 routes under /v2 (service/v2.py: BentoML routes take no
 path parameters). Every refused request (4xx) is counted and logged as one WARNING line.
 
-It runs inside BentoML's own middlewares (metrics, timeout, max concurrency), so their figures
-include what it refuses.
+It runs inside BentoML's own middlewares (metrics, timeout), so their figures include what it refuses.
+It also admits each API request, once its body has arrived, under MAX_CONCURRENCY (counted over all
+workers) and HEAVY_CONCURRENCY (service/admission.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-from service import limits, metrics, offload, openapi, settings, v2
+from service import admission, limits, metrics, offload, openapi, settings, v2
 from service.inference import InputError
 from service.routes import FILE, ROUTES, Route
 
@@ -89,8 +90,9 @@ async def refuse(scope, send, e: InputError) -> None:
     """The guard's own refusal: {"error", "reason"} with the reason also in a header, counted and logged."""
     body = json.dumps({"error": str(e), "reason": e.reason}).encode()
     _note_refusal(scope, e.status, e.reason, body)
+    retry = [(b"retry-after", str(e.retry_after).encode())] if getattr(e, "retry_after", None) else []
     await _send_json(send, e.status, body, [(b"content-type", b"application/json"),
-                                            (b"x-imgclf-reason", e.reason.encode())])
+                                            (b"x-imgclf-reason", e.reason.encode()), *retry])
 
 
 def watch_refusals(scope, send):
@@ -127,6 +129,7 @@ class Guard:
         config = settings.get()
         self.max_body_bytes = config.max_body_bytes
         self.body_timeouts = (config.body_timeout_s, config.body_deadline_s)
+        self.admission = admission.for_this_worker(config.max_concurrency, config.heavy_concurrency)
 
     async def __call__(self, scope, receive, send):
         route = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -135,12 +138,19 @@ class Guard:
         if route.also_get and scope["method"] == "GET":  # read with an empty body, as the POST
             scope = {**scope, "method": "POST", "headers": [h for h in scope["headers"] if h[0] != b"content-type"]}
         fast = STATE.fast.get(route.path) if scope["method"] == "POST" else None
-        try:
+        try:  # the whole body first, with its timeouts: a slow one holds no place in the concurrency limits
             body = await self._checked_body(route, scope, receive)
+            self.admission.enter(route.path)
         except InputError as e:
             return await refuse(scope, send, e)
         except limits.ClientGone:
             return metrics.get().abandoned.labels(route.path).inc()
+        try:
+            return await self._admitted(route, fast, body, scope, receive, send)
+        finally:  # the answer sent, an error, the client gone or a time-out (a cancellation)
+            self.admission.leave(route.path)
+
+    async def _admitted(self, route: Route, fast: FastRoute | None, body: bytes, scope, receive, send):
         client, receive = receive, limits.replay(body)
         if fast is not None:
             try:  # a client that goes away is not computed for

@@ -14,8 +14,8 @@ ERROR_STATUSES = {
     "400": "Bad Request: the input is malformed; `error` says what is wrong and what is expected",
     "413": "Payload Too Large: body over MAX_BODY_MB, or more images than MAX_IMAGES / MAX_NPZ_IMAGES",
     "415": "Unsupported Media Type: wrong Content-Type, or an image file that is not PNG or JPEG",
-    "429": "Too Many Requests: this worker has its share of MAX_CONCURRENCY (ceil(MAX_CONCURRENCY / workers)) "
-           "requests in flight; retry later",
+    "429": "Too Many Requests: MAX_CONCURRENCY requests in flight in the whole service (reason `overloaded`), or "
+           "HEAVY_CONCURRENCY evaluations in this worker (`heavy_overloaded`); retry after the Retry-After seconds",
     "503": "Service Unavailable: no model loaded (the reason is in `error`), or overloaded",
     "504": "Gateway Timeout: the request took longer than REQUEST_TIMEOUT seconds",
 }

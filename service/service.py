@@ -17,13 +17,14 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 import torch
+from bentoml._internal.context import server_context
 from pydantic import BaseModel, Field, WithJsonSchema
 from starlette.responses import JSONResponse
 
 from core import artifacts
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
-from service import metric_paths, metrics, recovery, settings, store, v2
+from service import metric_paths, metrics, placement, recovery, settings, store, v2
 from service.guard import STATE, FastRoute, Guard
 from service.inference import (
     DEFAULT_TOP_K,
@@ -47,7 +48,7 @@ try:
     SETTINGS = settings.get()
 except settings.SettingsError as e:
     raise SystemExit(f"imgclf: {e}") from None
-_WANTS_GPU = SETTINGS.device.startswith("cuda") or (SETTINGS.device == "auto" and torch.cuda.is_available())
+PLACEMENT = placement.detect(SETTINGS)  # worker count and GPUs (service/placement.py)
 
 
 def choose_version() -> tuple[str, str, str | None]:
@@ -170,9 +171,10 @@ def with_model(method):
 
 @bentoml.service(
     name=NAME,
-    workers=SETTINGS.workers,
-    resources={"gpu": 1} if _WANTS_GPU else {"cpu": "1"},
-    traffic={"timeout": SETTINGS.request_timeout, "max_concurrency": SETTINGS.max_concurrency},
+    workers=PLACEMENT.workers,
+    resources=PLACEMENT.resources,
+    # no BentoML max_concurrency: it would refuse per worker; the guard bounds the whole service (admission.py)
+    traffic={"timeout": SETTINGS.request_timeout},
     logging={"access": {"enabled": False}},
     # OpenTelemetry spans cost ~20% of a small request; trace the API routes only when asked (TRACING=1)
     tracing={} if SETTINGS.tracing else {"excluded_urls": ",".join([*(path.lstrip("/") for path in ROUTES), "v2/"])},
@@ -199,7 +201,7 @@ class ImageClassifier:
         root, name, version = SETTINGS.artifacts_dir, SETTINGS.model_name, SETTINGS.model_version
         try:
             root, name, version = choose_version()
-            device = pick_device(SETTINGS.device)
+            device = pick_device(placement.worker_device(SETTINGS, PLACEMENT, server_context.worker_index))
             loaded = artifacts.load(root, name, version, device=device)
             model = Classifier(loaded, device, SETTINGS.backend)  # BackendError (a ValueError) when unservable
         except (artifacts.ArtifactError, ValueError, RuntimeError, OSError, bentoml.exceptions.BentoMLException) as e:

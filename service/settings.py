@@ -1,9 +1,10 @@
 """The service's settings: one frozen dataclass, read once from the environment, every default visible.
 
-This is the only module of the service that reads the environment. WORKERS, MAX_CONCURRENCY and
+This is the only module of the service that reads the environment. WORKERS (service/placement.py) and
 REQUEST_TIMEOUT reach BentoML as the @bentoml.service arguments; BentoML's own configuration (a
 BENTOML_CONFIG file, BENTOML_CONFIG_OVERRIDES, BENTOML_CONFIG_OPTIONS such as
-`services.imgclf.traffic.max_concurrency=64`) is merged over them and wins. `limits_in_force`
+`services.imgclf.traffic.timeout=30`) is merged over them and wins. MAX_CONCURRENCY is enforced by the
+guard over all workers (service/admission.py), not by BentoML. `limits_in_force`
 reads BentoML's merged result, so what the service reports is what BentoML enforces.
 """
 
@@ -52,7 +53,9 @@ _non_negative_float = _number(float, "a number >= 0 (0: off)", lambda v: math.is
 _port = _number(int, "a port number 1..65535", lambda v: 1 <= v <= 65535)
 
 
-def _workers(raw: str) -> int | str:
+def _workers(raw: str) -> int | str | None:
+    if not raw:
+        return None  # WORKERS="" (as `make` passes it) means "not set": the default rule
     return raw if raw == "cpu_count" else _number(int, "cpu_count or a whole number >= 1", lambda v: v >= 1)(raw)
 
 
@@ -86,14 +89,18 @@ class Settings:
     model_version: str | None = _var("MODEL_VERSION", None, "which version (unset: the promoted one, else the newest)",
                                      _optional_text)
     device: str = _var("DEVICE", "auto", "auto (a GPU when torch sees one), cpu, cuda or cuda:N", _device)
-    workers: int | str = _var("WORKERS", "cpu_count", "worker processes: a number, or cpu_count (one per core)",
-                              _workers)
+    workers: int | str | None = _var("WORKERS", None, "worker processes: a number, or cpu_count (one per core); "
+                                     "unset: cpu_count, or on a GPU WORKERS_PER_GPU per visible GPU", _workers)
+    workers_per_gpu: int = _var("WORKERS_PER_GPU", 8, "workers per visible GPU when a GPU is used and WORKERS is "
+                                "unset (at most one per CPU core; measured on an H200, docs/serving.md \"GPU\")",
+                                _positive_int)
     max_images: int = _var("MAX_IMAGES", 1024, "images per JSON request (413 above)", _positive_int)
     max_npz_images: int = _var("MAX_NPZ_IMAGES", 100_000, "images per .npz upload (413 above)", _positive_int)
     max_body_mb: float = _var("MAX_BODY_MB", 64, "request body size in MiB (413 above)", _positive_float)
-    max_concurrency: int = _var("MAX_CONCURRENCY", 256, "requests in flight in the whole service; each worker takes "
-                                "ceil(MAX_CONCURRENCY / workers) of them and answers 429 above its share",
-                                _positive_int)
+    max_concurrency: int = _var("MAX_CONCURRENCY", 256, "requests in flight in the whole service, all workers "
+                                "together (429 with Retry-After above it)", _positive_int)
+    heavy_concurrency: int = _var("HEAVY_CONCURRENCY", 2, "concurrent /evaluate and /evaluate_npz per worker (429 "
+                                  "with Retry-After above it)", _positive_int)
     body_timeout_s: float = _var("BODY_TIMEOUT_S", 10, "seconds a request body may pause between two chunks "
                                  "(408 after; the guard reads every body before the endpoint runs)", _positive_float)
     body_deadline_s: float = _var("BODY_DEADLINE_S", 60, "seconds a whole request body may take to arrive (408 after)",
@@ -156,9 +163,11 @@ def serve_environment(root: Path) -> dict[str, str]:
 
 
 def limits_in_force(settings: Settings, service: str) -> dict:
-    """The limits this worker enforces. The service's own come from `settings`; BentoML's (request timeout,
-    concurrency and the worker count it divides it by) from BentoML's merged configuration, read the way
-    _bentoml_impl/server/app.py reads it. Call it in a worker, after BentoML has loaded its configuration."""
+    """The limits this worker enforces. The service's own come from `settings` (MAX_CONCURRENCY is counted
+    over all workers by the guard, service/admission.py); the request timeout and the worker count from
+    BentoML's merged configuration, read the way _bentoml_impl/server/app.py reads it, and BentoML's own
+    per-worker concurrency limit, which the service leaves unset, only if its configuration sets one.
+    Call it in a worker, after BentoML has loaded its configuration."""
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.resource import system_resources
 
@@ -167,10 +176,11 @@ def limits_in_force(settings: Settings, service: str) -> dict:
     workers = config.get("workers") or 1
     if workers == "cpu_count":
         workers = int(system_resources()["cpu"])
-    total = traffic.get("max_concurrency")
+    own = traffic.get("max_concurrency")
     return {"max_images": settings.max_images, "max_npz_images": settings.max_npz_images,
             "max_body_bytes": settings.max_body_bytes,
-            "max_concurrency": total,
-            "max_concurrency_per_worker": math.ceil(total / max(workers, 1)) if total else None,
+            "max_concurrency": settings.max_concurrency,
+            "heavy_concurrency_per_worker": settings.heavy_concurrency,
+            "bentoml_max_concurrency_per_worker": math.ceil(own / max(workers, 1)) if own else None,
             "workers": workers,
             "request_timeout_s": float(traffic["timeout"])}

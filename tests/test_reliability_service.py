@@ -112,7 +112,8 @@ def test_over_max_concurrency_is_429_and_the_server_keeps_serving(limit_servers)
     def send(_):
         with httpx.Client(timeout=60) as c:
             r = c.post(s.url + "/evaluate", content=payload, headers={"content-type": "application/json"})
-            return r.status_code, r.json()
+            return r.status_code, {**r.json(), **({"retry-after": r.headers["retry-after"]} if r.status_code == 429
+                                                  else {})}
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(send, range(24)))
@@ -120,7 +121,8 @@ def test_over_max_concurrency_is_429_and_the_server_keeps_serving(limit_servers)
     assert set(codes) <= {200, 429}, codes
     assert codes[429] >= 1 and codes[200] >= 1, codes
     refusal = next(body for code, body in answers if code == 429)
-    assert refusal == {"error": "Too many requests"}
+    assert refusal["reason"] == "overloaded" and "MAX_CONCURRENCY" in refusal["error"], refusal
+    assert refusal["retry-after"] == "1", refusal
     assert all(b["n"] == 1024 for code, b in answers if code == 200)
     _recovers(s)
 
@@ -165,7 +167,10 @@ def test_overload_answers_only_200_429_or_503_and_recovers(lenet_version, needs_
         def sample():  # a second client beside wrk, reading every status code itself
             with httpx.Client(timeout=15) as c:
                 while not stop.is_set():
-                    sampled[c.post(s.url + "/predict", json=ONE).status_code] += 1
+                    r = c.post(s.url + "/predict", json=ONE)
+                    sampled[r.status_code] += 1
+                    if r.status_code == 429 and r.headers.get("retry-after") != "1":
+                        sampled["429 without Retry-After"] += 1
 
         samplers = [threading.Thread(target=sample) for _ in range(4)]
         for t in samplers:

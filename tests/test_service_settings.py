@@ -21,7 +21,7 @@ def test_defaults_are_the_documented_ones():
     s = Settings.from_env({})
     assert s == Settings()
     assert (s.artifacts_dir, s.model_name, s.model_version, s.device, s.workers) == (
-        "artifacts", "cnn", None, "auto", "cpu_count")
+        "artifacts", "cnn", None, "auto", None)
     assert (s.max_images, s.max_npz_images, s.max_body_bytes, s.max_concurrency, s.request_timeout) == (
         1024, 100_000, 64 * 1024 * 1024, 256, 60)
     assert (s.torch_threads, s.reload_poll_s, s.tracing, s.port, s.host) == (1, 2, False, 3000, "0.0.0.0")
@@ -105,8 +105,9 @@ def test_limits_set_in_bentoml_configuration_are_the_ones_model_info_reports(len
     with Server(env, workers=1) as s:
         limits = httpx.get(s.url + "/model_info", timeout=30).json()["limits"]
         assert limits["request_timeout_s"] == 30.0  # the config file over REQUEST_TIMEOUT
-        assert limits["max_concurrency"] == 7 and limits["workers"] == 2  # the options over the environment
-        assert limits["max_concurrency_per_worker"] == 4  # BentoML gives each worker ceil(7 / 2)
+        assert limits["workers"] == 2  # the options over the environment
+        assert limits["max_concurrency"] == 100  # the service-wide limit the guard counts (service/admission.py)
+        assert limits["bentoml_max_concurrency_per_worker"] == 4  # BentoML's own, set here: ceil(7 / 2)
         assert limits["max_images"] == 8  # the service's own limits come from the environment
         workers = [p for p in psutil.Process(s.proc.pid).children(recursive=True)
                    if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
