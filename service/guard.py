@@ -38,9 +38,10 @@ class State:
     load_error: str | None = None
     fast: dict[str, FastRoute] = field(default_factory=dict)  # route path -> FastRoute, once a model is loaded
     reload_error: str | None = None  # the last promoted version that failed to load, and why
+    max_body_bytes: int | None = None  # the body limit for the served model's input (settings.body_limit)
 
     def reset(self) -> None:
-        self.ready, self.load_error, self.fast = False, None, {}
+        self.ready, self.load_error, self.fast, self.max_body_bytes = False, None, {}, None
 
 
 STATE = State()
@@ -159,8 +160,9 @@ class Guard:
         endpoint or BentoML's parser waits on a slow client; BentoML gets it replayed."""
         headers = dict(scope["headers"])
         limits.check_content_type(route, headers)
-        limits.declared_length(headers, self.max_body_bytes)
-        body = await limits.read_body(receive, self.max_body_bytes, *self.body_timeouts)
+        max_bytes = STATE.max_body_bytes or self.max_body_bytes
+        limits.declared_length(headers, max_bytes)
+        body = await limits.read_body(receive, max_bytes, *self.body_timeouts)
         if route.kind == FILE:
             await limits.check_upload(scope, body)
         return body

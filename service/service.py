@@ -196,6 +196,7 @@ class ImageClassifier:
             torch.set_num_threads(SETTINGS.torch_threads)
         self.model = Classifier(loaded, device)
         self.batchers = {self.model.version: Batcher(self.model)}  # adaptive batching of /predict
+        self._size_bodies(self.model)
         self.metrics = metrics.get()
         self._announce(name, self.model)
         self.model.warm_up()
@@ -238,6 +239,7 @@ class ImageClassifier:
                 log.error("RELOAD FAILED: %s", STATE.reload_error)
                 continue
             self.batchers[new.version] = Batcher(new)
+            self._size_bodies(new)
             old, self.model = self.model, new
             # requests that took the old model finish on its batcher; it is dropped after a grace period
             threading.Timer(60, self.batchers.pop, args=(old.version, None)).start()
@@ -248,6 +250,11 @@ class ImageClassifier:
             log.info("reloaded: now serving %s/%s (was %s)", name, new.version, old.version)
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _size_bodies(self, model: Classifier) -> None:
+        """The body limit for this model's input: MAX_BODY_MB, or its largest legal request (service/settings.py)."""
+        STATE.max_body_bytes = SETTINGS.body_limit(model.spec.shape, len(model.classes))
+        self.limits = {**self.limits, "max_body_bytes": STATE.max_body_bytes}
 
     def _announce(self, name: str, model: Classifier, old: Classifier | None = None) -> None:
         """The served version's metrics: its offline accuracy, and imgclf_model_info 1 (0 for `old`)."""
