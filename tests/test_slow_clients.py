@@ -49,6 +49,13 @@ def test_read_body_times_out_between_chunks_and_in_all():
     assert 0.45 < time.monotonic() - t < 2
 
 
+def test_the_408_is_documented_in_the_openapi_spec():
+    from service import openapi
+
+    spec = openapi.document_errors({"paths": {"/predict": {"post": {"responses": {}}}}})
+    assert "BODY_TIMEOUT_S" in spec["paths"]["/predict"]["post"]["responses"]["408"]["description"]
+
+
 def test_unless_gone_cancels_the_work_when_the_client_disconnects_and_not_otherwise():
     async def gone_after(delay):
         await asyncio.sleep(delay)
