@@ -1,11 +1,14 @@
 """Serving benchmark: the BentoML service against the hand-written baseline (bench/baseline_app.py).
 
-Both serve the same artifact version; wrk (Debian) sends the same single-image JSON request to
-`/predict` at 1, 16 and 64 connections, the two servers interleaved in every round, and the
-table reports medians over rounds with the service/baseline ratio. The same run measures
+The baseline runs twice: as one process, and as as many processes as the service has workers
+(uvicorn --workers N); at each connection count the faster of the two is the one compared with.
+All serve the same artifact version side by side; wrk (Debian) sends the same single-image JSON
+request to `/predict` at 1, 16, 64 and 256 connections, every server in every round (their order
+rotated), and the table reports medians over rounds, the worker count and settings of each side,
+and the service/baseline ratios (medians of per-round ratios). The same run measures
 `/evaluate_npz` on the 10,000 test images against in-process batched inference of the model.
 
-    python -m bench.serving [--rounds 3] [--duration 10] [--connections 1 16 64]
+    python -m bench.serving [--rounds 3] [--duration 10] [--connections 1 16 64 256]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench.harness import ROOT, SERVICE_CMD, Server, wrk
+from bench.harness import ROOT, SERVICE_CMD, Server, running, wrk
 from core import artifacts
 from core.models import forward_logits, preprocess
 from training.data import load_dataset
@@ -63,11 +66,15 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    ap.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--warmup", type=int, default=2, help="seconds of untimed load before each wrk run")
+    ap.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--evaluate-requests", type=int, default=5,
+                    help="timed /evaluate_npz requests per round (after as many untimed ones, at most 4; 0: none)")
     ap.add_argument("--artifacts-dir", default=os.environ.get("ARTIFACTS_DIR", "artifacts"))
     ap.add_argument("--model-name", default=os.environ.get("BENCH_MODEL") or None,
                     help="default: lenet when it has a version, else the model `make train` made (MODEL_NAME)")
     ap.add_argument("--model-version", default=os.environ.get("MODEL_VERSION") or None)
+    ap.add_argument("--results-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     if not shutil.which("wrk"):
         sys.exit("wrk is missing: apt-get install wrk")
@@ -83,43 +90,97 @@ def main(argv=None) -> dict:
     body = json.dumps({"images": [ds.test_x[0, 0].tolist()]}).encode()  # one 28x28 image
     env = {"ARTIFACTS_DIR": str(Path(args.artifacts_dir).resolve()), "MODEL_NAME": args.model_name,
            "MODEL_VERSION": version, "PYTHONPATH": str(ROOT)}
-    servers = {
-        "service": SERVICE_CMD,
-        "baseline": [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--no-access-log",
-                     "--log-level", "warning"],
-    }
 
     def answers_predict(url: str) -> bool:  # ready means: answers the benchmark's own request with 200
         return httpx.post(url + "/predict", content=body, headers={"content-type": "application/json"},
                           timeout=2).status_code == 200
 
+    def start(name: str, cmd: list[str]) -> Server:  # WORKERS as the environment has it (make bench: cpu_count)
+        return Server(env, workers=None, cmd=cmd, log_path=tmp / f"{name}.log", probe=answers_predict,
+                      ready_timeout=180)
+
     runs: list[dict] = []
-    for rnd in range(1, args.rounds + 1):
-        for target, cmd in servers.items():
-            # WORKERS as the environment has it (make bench: cpu_count)
-            with Server(env, workers=None, cmd=cmd, log_path=tmp / f"{target}-{rnd}.log", probe=answers_predict,
-                        ready_timeout=180) as server:
-                for conns in args.connections:
-                    _wrk_figures(server.url + "/predict", conns, 2, body)  # warm-up, discarded
-                    r = _wrk_figures(server.url + "/predict", conns, args.duration, body)
-                    r.update(target=target, round=rnd, connections=conns)
-                    runs.append(r)
-                    print(f"round {rnd} {target:8s} c={conns:<3d} {r['requests_per_s']:8.1f} req/s "
-                          f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms non-2xx {r['non_2xx']}", flush=True)
-                if target == "service":
-                    runs.extend(_evaluate_run(server.url, ds, rnd))
+    # All servers run side by side for the whole benchmark, so that every round measures each of them
+    # at each connection count within seconds of the others (the machine is shared and noisy).
+    with running(start("service", SERVICE_CMD)) as (service,):
+        sides = {"service": service_side(service)}
+        n = sides["service"]["workers"]
+        procs = sorted({1, n})
+        baselines = {f"baseline_{p}p": start(f"baseline-{p}", baseline_cmd(p)) for p in procs}
+        with running(*baselines.values()):
+            servers = {"service": service, **baselines}
+            sides.update({name: baseline_side(p) for name, p in zip(baselines, procs)})
+            for rnd in range(1, args.rounds + 1):
+                runs.extend(_round(servers, rnd, args, body))
+                if args.evaluate_requests:
+                    runs.extend(_evaluate_run(service.url, ds, rnd, min(4, args.evaluate_requests),
+                                              args.evaluate_requests))
     loaded = artifacts.load(args.artifacts_dir, args.model_name, version)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     inproc = [in_process_throughput(loaded, ds.test_x.numpy()) for _ in range(args.rounds)]
-    result = summarise(runs, inproc, args, version)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = summarise(runs, inproc, args, version, sides)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"serving-{stamp}.json").write_text(json.dumps(result, indent=2))
-    chart(result, RESULTS / f"serving-{stamp}.png")
+    (results / f"serving-{stamp}.json").write_text(json.dumps(result, indent=2))
+    chart(result, results / f"serving-{stamp}.png")
     print(table(result))
-    print(f"saved {RESULTS}/serving-{stamp}.json and .png")
+    print(f"saved {results}/serving-{stamp}.json and .png")
     shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def baseline_cmd(processes: int) -> list[str]:
+    """bench/baseline_app.py: one uvicorn process, or `processes` of them on one port (SO_REUSEPORT)."""
+    return [sys.executable, "-m", "bench.baseline_app", "--processes", str(processes)]
+
+
+def _uvicorn_stack() -> str:
+    """What uvicorn's defaults pick in this environment (both sides run uvicorn with them)."""
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"uvicorn {http}/{loop}"
+
+
+def service_side(server: Server) -> dict:
+    """The service's worker processes (counted, not assumed) and the limits it reports in /model_info."""
+    import psutil
+
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+               if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    info = httpx.get(server.url + "/model_info", timeout=30).json()
+    limits = info.get("limits", {})
+    shown = ", ".join(f"{k}={v}" for k, v in limits.items() if k in ("max_concurrency", "request_timeout_s"))
+    torch_threads = os.environ.get("TORCH_THREADS", "1")
+    return {"workers": len(workers), "device": info.get("device"), "limits": limits,
+            "settings": f"bentoml serve ({_uvicorn_stack()}), WORKERS={os.environ.get('WORKERS', 'cpu_count')} "
+                        f"-> {len(workers)} worker processes, {torch_threads} torch thread each, {shown}"}
+
+
+def baseline_side(processes: int) -> dict:
+    how = "1 process" if processes == 1 else f"{processes} processes on one port (SO_REUSEPORT)"
+    return {"workers": processes, "settings": f"Starlette + torch ({_uvicorn_stack()}), {how}, 1 torch thread "
+                                               "each, gc.freeze() after load"}
+
+
+def _round(servers: dict[str, Server], rnd: int, args, body: bytes) -> list[dict]:
+    """One round: every server at every connection count, the servers' order rotated from round to round."""
+    names = list(servers)
+    out = []
+    for conns in args.connections:
+        k = (rnd - 1) % len(names)
+        for target in names[k:] + names[:k]:
+            url = servers[target].url + "/predict"
+            if args.warmup:
+                _wrk_figures(url, conns, args.warmup, body)  # discarded
+            r = _wrk_figures(url, conns, args.duration, body)
+            r.update(target=target, round=rnd, connections=conns)
+            out.append(r)
+            print(f"round {rnd} {target:12s} c={conns:<3d} {r['requests_per_s']:8.1f} req/s "
+                  f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms non-2xx {r['non_2xx']}", flush=True)
+    return out
 
 
 def choose_model(root: str, asked: str | None) -> str:
@@ -159,17 +220,28 @@ def _evaluate_run(base: str, ds, rnd: int, warm: int = 4, timed: int = 5) -> lis
              "warm_up_images_per_s": [round(v, 1) for v in rates[:warm]]}]
 
 
-def summarise(runs: list[dict], inproc: list[float], args, version: str) -> dict:
+def summarise(runs: list[dict], inproc: list[float], args, version: str, sides: dict) -> dict:
+    """Medians over rounds per server and connection count. At each connection count the baseline is the
+    faster of the hand-written servers (by median req/s); the ratios are medians of the per-round ratios
+    against it (each round measures both within seconds of each other)."""
+    targets = list(sides)
     rows = []
     for conns in args.connections:
-        row = {"connections": conns}
-        for target in ("service", "baseline"):
-            sel = [r for r in runs if r["target"] == target and r["connections"] == conns]
+        row: dict = {"connections": conns}
+        by_target = {t: {r["round"]: r for r in runs if r["target"] == t and r["connections"] == conns}
+                     for t in targets}
+        for t, sel in by_target.items():
             for k in ("requests_per_s", "p50_ms", "p99_ms"):
-                row[f"{target}_{k}"] = statistics.median(r[k] for r in sel)
-            row[f"{target}_non_2xx"] = sum(r["non_2xx"] + r["socket_errors"] for r in sel)
-        row["rps_ratio"] = row["service_requests_per_s"] / row["baseline_requests_per_s"]
-        row["p99_ratio"] = row["service_p99_ms"] / row["baseline_p99_ms"]
+                row[f"{t}_{k}"] = statistics.median(r[k] for r in sel.values())
+            row[f"{t}_non_2xx"] = sum(r["non_2xx"] + r["socket_errors"] for r in sel.values())
+        best = max((t for t in targets if t != "service"), key=lambda t: row[f"{t}_requests_per_s"])
+        row["baseline"] = best
+        for k in ("requests_per_s", "p50_ms", "p99_ms", "non_2xx"):
+            row[f"baseline_{k}"] = row[f"{best}_{k}"]
+        service, base = by_target["service"], by_target[best]
+        common = sorted(set(service) & set(base))
+        row["rps_ratio"] = statistics.median(service[r]["requests_per_s"] / base[r]["requests_per_s"] for r in common)
+        row["p99_ratio"] = statistics.median(service[r]["p99_ms"] / base[r]["p99_ms"] for r in common)
         rows.append(row)
     ev = [r["images_per_s"] for r in runs if r["target"] == "evaluate_npz"]
     evaluate = {"service_images_per_s": statistics.median(ev) if ev else None,
@@ -178,7 +250,8 @@ def summarise(runs: list[dict], inproc: list[float], args, version: str) -> dict
         evaluate["ratio"] = evaluate["service_images_per_s"] / evaluate["in_process_images_per_s"]
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{os.cpu_count()} CPUs, {_cpu_model()}",
             "model": args.model_name, "version": version, "rounds": args.rounds, "duration_s": args.duration,
-            "rows": rows, "evaluate": evaluate, "runs": runs}
+            "command": command(args, version),
+            "sides": sides, "rows": rows, "evaluate": evaluate, "runs": runs}
 
 
 def _cpu_model() -> str:
@@ -191,18 +264,36 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
+def command(args, version: str) -> str:
+    """The command line that repeats this run."""
+    return (f"python -m bench.serving --rounds {args.rounds} --duration {args.duration} --warmup {args.warmup} "
+            f"--connections {' '.join(map(str, args.connections))} --evaluate-requests {args.evaluate_requests} "
+            f"--model-name {args.model_name} --model-version {version}")
+
+
+def _label(target: str, sides: dict) -> str:
+    return "service" if target == "service" else f"baseline {sides[target]['workers']}p"
+
+
 def table(res: dict) -> str:
+    sides = res["sides"]
+    bases = [t for t in sides if t != "service"]
     lines = [f"serving benchmark, {res['model']} {res['version']}, medians of {res['rounds']} interleaved rounds "
              f"x {res['duration_s']} s, {res['machine']}, {res['date']}",
-             "| conns | service req/s | baseline req/s | ratio | service p50 / p99 ms | baseline p50 / p99 ms | "
-             "p99 ratio | non-2xx (service / baseline) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"command: {res['command']}",
+             *(f"{_label(t, sides)}: {sides[t]['settings']}" for t in sides),
+             "ratio, p99 ratio: service / the faster baseline at that connection count (medians of per-round ratios)",
+             "| conns | service req/s | " + " | ".join(f"{_label(t, sides)} req/s" for t in bases) +
+             " | ratio | service p50 / p99 ms | faster baseline p50 / p99 ms | p99 ratio | non-2xx (service / " +
+             " / ".join(_label(t, sides) for t in bases) + ") |",
+             "|---" * (8 + len(bases) - 1) + "|"]
     for r in res["rows"]:
-        lines.append(f"| {r['connections']} | {r['service_requests_per_s']:,.0f} | "
-                     f"{r['baseline_requests_per_s']:,.0f} | "
-                     f"{r['rps_ratio']:.2f} | {r['service_p50_ms']:.1f} / {r['service_p99_ms']:.1f} | "
-                     f"{r['baseline_p50_ms']:.1f} / {r['baseline_p99_ms']:.1f} | {r['p99_ratio']:.2f} | "
-                     f"{r['service_non_2xx']} / {r['baseline_non_2xx']} |")
+        lines.append(f"| {r['connections']} | {r['service_requests_per_s']:,.0f} | " +
+                     " | ".join(f"{r[f'{t}_requests_per_s']:,.0f}" for t in bases) +
+                     f" | {r['rps_ratio']:.2f} | {r['service_p50_ms']:.1f} / {r['service_p99_ms']:.1f} | "
+                     f"{r['baseline_p50_ms']:.1f} / {r['baseline_p99_ms']:.1f} ({_label(r['baseline'], sides)}) | "
+                     f"{r['p99_ratio']:.2f} | {r['service_non_2xx']} / " +
+                     " / ".join(str(r[f"{t}_non_2xx"]) for t in bases) + " |")
     ev = res["evaluate"]
     if ev.get("service_images_per_s"):
         lines.append(f"\n/evaluate_npz on 10,000 test images: {ev['service_images_per_s']:,.0f} images/s; in-process "
@@ -215,12 +306,14 @@ def chart(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     conns = [r["connections"] for r in res["rows"]]
+    targets = list(res["sides"])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    w = 0.38
+    w = 0.8 / len(targets)
     xs = np.arange(len(conns))
-    for i, t in enumerate(("service", "baseline")):
-        a1.bar(xs + (i - 0.5) * w, [r[f"{t}_requests_per_s"] for r in res["rows"]], w, label=t)
-        a2.bar(xs + (i - 0.5) * w, [r[f"{t}_p99_ms"] for r in res["rows"]], w, label=t)
+    for i, t in enumerate(targets):
+        off = (i - (len(targets) - 1) / 2) * w
+        a1.bar(xs + off, [r[f"{t}_requests_per_s"] for r in res["rows"]], w, label=_label(t, res["sides"]))
+        a2.bar(xs + off, [r[f"{t}_p99_ms"] for r in res["rows"]], w, label=_label(t, res["sides"]))
     for ax, title in ((a1, "requests/s (median)"), (a2, "p99 latency ms (median)")):
         ax.set_xticks(xs, [f"{c} conn" for c in conns])
         ax.set_title(title)

@@ -125,6 +125,7 @@ class TrainingRecord:
     verdict: dict
     distributed: dict | None = None  # world size, backend, images per rank (training.distributed)
     replay_of: str | None = None     # "NAME/VERSION" whose recorded config this run replayed (training.replay)
+    precision: str | None = None     # what training computed in (core.models.training_precision); None: not recorded
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class Manifest:
             "dataset": dataclasses.asdict(self.dataset),
         }
         training = dataclasses.asdict(self.training)
-        for optional in ("distributed", "replay_of"):  # absent unless set, as in manifests written before them
+        for optional in ("distributed", "replay_of", "precision"):  # absent unless set, as in older manifests
             if training[optional] is None:
                 del training[optional]
         d.update(training)

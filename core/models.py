@@ -6,12 +6,47 @@ manifest's `model` block ({"arch", "kwargs"}) rebuilds the exact architecture.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether bfloat16 autocast speeds training up on this kind of device: a CUDA GPU with bf16, or a
+    CPU with AVX512-BF16 or AMX instructions. Elsewhere oneDNN emulates bf16 and training is about ten
+    times slower than float32 (66 against 730 images per CPU-second on the AVX2 test host,
+    docs/training-results.md), so `train_bf16` models train in float32 there; the manifest records which
+    (training.precision)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_precision(model: nn.Module, device: torch.device) -> str:
+    """What a training run of `model` on `device` computes in: the manifest's training.precision."""
+    if not getattr(model, "train_bf16", False):
+        return "float32"
+    if native_bf16(device.type):
+        return "bfloat16 autocast"
+    return f"float32 (train_bf16 asked; this {device.type} has no native bfloat16)"
+
+
+def _autocast(model: nn.Module, x: torch.Tensor) -> torch.autocast:
+    return torch.autocast(x.device.type, dtype=torch.bfloat16,
+                          enabled=model.train_bf16 and model.training and native_bf16(x.device.type))
 
 
 def _nhwc(module: nn.Module, on: bool) -> bool:
@@ -62,7 +97,8 @@ class CNN(nn.Module):
     Speed switches (measured on the 2-core CPU, see docs/training-results.md); neither changes what
     the weights mean, and evaluation / serving always run in float32:
       channels_last  feed the convolutions NHWC activations (oneDNN's fast layout on CPU)
-      train_bf16     autocast to bfloat16 while training (model.train()); master weights stay float32
+      train_bf16     autocast to bfloat16 while training (model.train()) where the device computes bf16
+                     natively (native_bf16); master weights stay float32
     """
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
@@ -84,7 +120,7 @@ class CNN(nn.Module):
     def forward(self, x):  # (B, C, H, W) -> (B, K)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.train_bf16 and self.training):
+        with _autocast(self, x):
             x = self.features(x)  # (B, widths[-1], H / 2^blocks, W / 2^blocks)
             x = torch.flatten(F.adaptive_max_pool2d(x, 1), 1)  # (B, widths[-1])
             x = self.head(self.dropout(x))
@@ -134,7 +170,7 @@ class ResNet(nn.Module):
     def forward(self, x):  # (B, C, H, W) -> (B, K)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.train_bf16 and self.training):
+        with _autocast(self, x):
             x = self.blocks(self.stem(x))  # (B, widths[-1], H / 2^(stages-1), W / 2^(stages-1)): 7x7 for 28x28
             x = self.head(x.mean(dim=(2, 3)))  # (B, widths[-1]) -> (B, K)
         return x.float()  # the loss and the metrics see float32 logits

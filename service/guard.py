@@ -1,7 +1,8 @@
 """An ASGI middleware in front of the endpoints. It composes the request checks of service/limits.py
 (415, 413, the multipart upload), the documentation of service/openapi.py (/docs.json, reworded
-validation answers), the real reason on /readyz while no model is served (503), and the fast path of
-/predict. Every refused request (4xx) is counted and logged as one WARNING line.
+validation answers), the real reason on /readyz while no model is served (503), the fast path of
+/predict, and the Open Inference Protocol v2 routes under /v2 (service/v2.py: BentoML routes take no
+path parameters). Every refused request (4xx) is counted and logged as one WARNING line.
 
 It runs inside BentoML's own middlewares (metrics, timeout, max concurrency), so their figures
 include what it refuses.
@@ -9,6 +10,7 @@ include what it refuses.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-from service import limits, metrics, openapi, settings
+from service import limits, metrics, offload, openapi, settings, v2
 from service.inference import InputError
 from service.routes import FILE, ROUTES, Route
 
@@ -30,18 +32,24 @@ class FastRoute:
 
     input_model: type  # pydantic model (BentoML's APIMethod.input_spec)
     call: Callable
+    # a body over offload.LARGE_BODY_BYTES: parse(body) -> (header, payload) runs in a child process,
+    # answer(header, payload) answers from it in the worker (service/offload.py)
+    parse: Callable[[bytes], tuple[dict, bytes]] | None = None
+    answer: Callable | None = None
 
 
 @dataclass
 class State:
     ready: bool = False
-    load_error: str | None = None
+    load_error: str | None = None  # why no model is served: a short message for clients (no server paths)
+    load_reason: str | None = None  # its reason code (service/recovery.py)
     fast: dict[str, FastRoute] = field(default_factory=dict)  # route path -> FastRoute, once a model is loaded
     reload_error: str | None = None  # the last promoted version that failed to load, and why
     max_body_bytes: int | None = None  # the body limit for the served model's input (settings.body_limit)
 
     def reset(self) -> None:
-        self.ready, self.load_error, self.fast, self.max_body_bytes = False, None, {}, None
+        self.ready, self.load_error, self.load_reason, self.fast = False, None, None, {}
+        self.max_body_bytes = None
 
 
 STATE = State()
@@ -135,22 +143,28 @@ class Guard:
             return await refuse(scope, send, e)
         except limits.ClientGone:
             return metrics.get().abandoned.labels(route.path).inc()
-        send, client, receive = watch_refusals(scope, send), receive, limits.replay(body)
+        client, receive = receive, limits.replay(body)
         if fast is not None:
             try:  # a client that goes away is not computed for
                 response = await limits.unless_gone(client, self._fast_answer(fast, body))
             except limits.ClientGone:
                 return metrics.get().abandoned.labels(route.path).inc()
             if response is not None:
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+                # a 2xx goes straight out; only a refusal needs the watching send (counted and logged)
+                return await response(scope, receive, send if response.status_code < 400
+                                      else watch_refusals(scope, send))
+        return await self.app(scope, receive, watch_refusals(scope, send))
 
     async def _not_an_api(self, scope, receive, send):
         """/readyz while not ready: 503 with the reason; /docs.json: documented errors; the rest: BentoML's."""
         if scope["type"] == "http" and scope["path"] == "/readyz" and not STATE.ready:
             why = STATE.load_error or "the model is still loading"
-            body = json.dumps({"error": f"not ready: {why}"}).encode()
-            return await _send_json(send, 503, body, [(b"content-type", b"application/json")])
+            reason = STATE.load_reason or "loading"
+            body = json.dumps({"error": f"not ready: {why}", "reason": reason}).encode()
+            return await _send_json(send, 503, body, [(b"content-type", b"application/json"),
+                                                      (b"x-imgclf-reason", reason.encode())])
+        if scope["type"] == "http" and v2.handles(scope["path"]):  # the Open Inference Protocol (service/v2.py)
+            return await v2.handle(scope, receive, send, STATE, self.max_body_bytes, self.body_timeouts)
         if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await openapi.documented_spec(self.app, scope, receive, send)
         return await self.app(scope, receive, send)
@@ -158,7 +172,7 @@ class Guard:
     async def _checked_body(self, route: Route, scope, receive) -> bytes:
         """Check content type and size, then read the body here, with its timeouts (408), before any
         endpoint or BentoML's parser waits on a slow client; BentoML gets it replayed."""
-        headers = dict(scope["headers"])
+        headers = limits.request_headers(scope["headers"])
         limits.check_content_type(route, headers)
         max_bytes = STATE.max_body_bytes or self.max_body_bytes
         limits.declared_length(headers, max_bytes)
@@ -171,7 +185,14 @@ class Guard:
     async def _fast_answer(fast: FastRoute, body: bytes):
         """The hot path: a body BentoML's input model accepts goes straight to the same endpoint method
         BentoML would call, skipping its routing and response machinery (README "Benchmarks"). A body it
-        refuses returns None and takes BentoML's route, so pydantic's answers stay exactly as documented."""
+        refuses returns None and takes BentoML's route, so pydantic's answers stay exactly as documented.
+        A large body is parsed in a child process, off the event loop (service/offload.py)."""
+        if fast.parse is not None and len(body) > offload.LARGE_BODY_BYTES:
+            try:
+                header, payload = await offload.run(functools.partial(fast.parse, body))
+            except offload.ChildFailed:
+                return None  # pydantic refused it (or the child died): BentoML's route answers
+            return await fast.answer(header, payload)
         try:
             inputs = fast.input_model.model_validate_json(body or b"{}")  # as BentoML's JSON serde parses it
         except ValidationError:

@@ -7,10 +7,13 @@ what was wrong and what is expected; `reason` is a short, fixed label for the me
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import math
 import os
+import weakref
 import zipfile
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,10 +26,13 @@ from core import metrics
 from core.artifacts import LoadedModel
 from core.manifest import InputSpec
 from core.models import forward_logits, preprocess, probabilities
-from service import settings
+from service import backends, settings
+from service import metrics as prom
 
 MAX_TOP_K = 10
 DEFAULT_TOP_K = 3
+# CPU passes up to this many images run on the event loop (Batcher): LeNet takes well under 2 ms for them
+INLINE_MAX_IMAGES = 64
 
 
 class InputError(ValueError):
@@ -169,20 +175,89 @@ def parse_labels(value, n: int, num_classes: int) -> np.ndarray:
                              f"0..{num_classes - 1}", "type")
     if len(value) != n:
         raise InputError(f"{len(value)} labels for {n} images; send exactly one label per image", "count")
-    arr = np.asarray(value, dtype=np.int64)
-    bad = np.flatnonzero((arr < 0) | (arr >= num_classes))
-    if bad.size:
-        raise InputError(f"labels[{bad[0]}] = {arr[bad[0]]} is out of range; labels are class indices "
-                         f"0..{num_classes - 1}", "range")
-    return arr
+    # the range is checked on the JSON numbers themselves: 10**30, 2**63 or 1e19 do not fit an int64
+    for i, v in enumerate(value):
+        if not 0 <= v < num_classes:
+            raise InputError(f"labels[{i}] = {v!r} is out of range; labels are class indices "
+                             f"0..{num_classes - 1}", "range")
+    return np.asarray(value, dtype=np.int64)
+
+
+_NPZ_FORMAT = "save with numpy.savez(images=uint8 array, labels=int array)"
+
+
+def _npy_header(f, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an .npy member, read from its header alone (at most 64 KiB)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=65536)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=65536)
+    else:
+        raise InputError(f"'{what}' is an .npy of format version {version}; {_NPZ_FORMAT}", "format")
+    if dtype.hasobject:
+        raise InputError("the .npz holds object arrays, which need unpickling; this service never unpickles. "
+                         "Save plain uint8 images and integer labels", "pickle", 400)
+    return shape, fortran, dtype
+
+
+def _npy_data(f, zinfo: zipfile.ZipInfo, shape: tuple[int, ...], fortran: bool, dtype: np.dtype,
+              what: str) -> np.ndarray:
+    """The array of a member whose header was checked: exactly the bytes the header declares, inflated only
+    after the member's declared uncompressed size was found to agree with them."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if zinfo.file_size != f.tell() + nbytes:
+        raise InputError(f"'{what}' declares {zinfo.file_size} bytes where its header's shape {shape} needs "
+                         f"{f.tell() + nbytes}; {_NPZ_FORMAT}", "format")
+    data = bytearray(nbytes)  # writable: torch.from_numpy warns on read-only arrays
+    if f.readinto(data) != nbytes:
+        raise InputError(f"'{what}' is truncated; {_NPZ_FORMAT}", "format")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _check_npz_shapes(images: tuple, labels: tuple, spec: InputSpec, max_images: int) -> None:
+    """The images' and labels' (shape, fortran, dtype) headers against the limits, before any data is read."""
+    (shape, _, dtype), (lshape, _, ldtype) = images, labels
+    c, h, w = spec.shape
+    if dtype != np.uint8:
+        raise InputError(f"'images' is {dtype}; send uint8 pixels (N, {h}, {w})", "type")
+    if not (len(shape) == 4 and shape[1:] == (c, h, w) or c == 1 and len(shape) == 3 and shape[1:] == (h, w)):
+        raise InputError(f"'images' has shape {shape}; expected (N, {h}, {w})" +
+                         ("" if c == 1 else f" or (N, {c}, {h}, {w})"), "shape")
+    n = shape[0]
+    if n == 0:
+        raise InputError("'images' is empty; send at least one image", "empty")
+    if n > max_images:
+        raise InputError(f"{n} images in one upload; the limit is {max_images} (MAX_NPZ_IMAGES)", "too_many", 413)
+    if ldtype.kind not in "iu" or len(lshape) != 1:
+        raise InputError(f"'labels' must be a 1-D integer array; got {ldtype} with shape {lshape}", "type")
+    if lshape[0] != n:
+        raise InputError(f"{lshape[0]} labels for {n} images; send exactly one label per image", "count")
+
+
+def _read_npz(data: bytes, spec: InputSpec, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 'images' and 'labels' members of an .npz: headers first, checked, then the data they declare."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        members = {i.filename.removesuffix(".npy"): i for i in z.infolist()}
+        missing = {"images", "labels"} - set(members)
+        if missing:
+            raise InputError(f"the .npz holds {sorted(members)}; it needs arrays 'images' (uint8) and 'labels'",
+                             "missing")
+        with z.open(members["images"]) as fi, z.open(members["labels"]) as fl:
+            headers = _npy_header(fi, "images"), _npy_header(fl, "labels")
+            _check_npz_shapes(*headers, spec, max_images)
+            return (_npy_data(fi, members["images"], *headers[0], "images"),
+                    _npy_data(fl, members["labels"], *headers[1], "labels"))
 
 
 def parse_npz(data: bytes, spec: InputSpec, num_classes: int,
               max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An .npz upload with uint8 `images` (N, H, W) or (N, C, H, W) and integer `labels` (N,).
 
-    Loaded with allow_pickle=False: an object array (which would need unpickling) is refused.
-    `max_images` defaults to the MAX_NPZ_IMAGES setting.
+    Each member's .npy header (dtype, shape) and its declared uncompressed size are checked against the
+    limits before any of its data is inflated, so a zip bomb or a header that declares a huge shape is
+    refused at the cost of reading a few hundred bytes. An object array (which would need unpickling) is
+    refused from its header; nothing is ever unpickled. `max_images` defaults to the MAX_NPZ_IMAGES setting.
     """
     max_images = settings.get().max_npz_images if max_images is None else max_images
     if not data.startswith(b"PK"):  # every .npz is a zip archive
@@ -190,45 +265,36 @@ def parse_npz(data: bytes, spec: InputSpec, num_classes: int,
         raise InputError(f"the upload is {what}; send an .npz made with numpy.savez(images=uint8 array, "
                          "labels=int array)", "format")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            missing = {"images", "labels"} - set(z.files)
-            if missing:
-                raise InputError(f"the .npz holds {sorted(z.files)}; it needs arrays 'images' (uint8) and 'labels'",
-                                 "missing")
-            images, labels = z["images"], z["labels"]
+        images, labels = _read_npz(data, spec, max_images)
     except InputError:
         raise
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise InputError("the .npz holds object arrays, which need unpickling; this service never unpickles. "
-                             "Save plain uint8 images and integer labels", "pickle", 400) from None
-        raise InputError(f"not a readable .npz file ({e}); save with numpy.savez(images=..., labels=...)",
-                         "format") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise InputError(f"not a readable .npz file ({e.__class__.__name__}); save with "
-                         "numpy.savez(images=uint8 array, labels=int array)", "format") from None
-    c, h, w = spec.shape
-    if images.dtype != np.uint8:
-        raise InputError(f"'images' is {images.dtype}; send uint8 pixels (N, {h}, {w})", "type")
-    if c == 1 and images.ndim == 3:
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error) as e:
+        raise InputError(f"not a readable .npz file ({e.__class__.__name__}); {_NPZ_FORMAT}", "format") from None
+    if spec.channels == 1 and images.ndim == 3:
         images = images[:, None]
-    if images.ndim != 4 or images.shape[1:] != (c, h, w):
-        raise InputError(f"'images' has shape {images.shape}; expected (N, {h}, {w})" +
-                         ("" if c == 1 else f" or (N, {c}, {h}, {w})"), "shape")
-    n = images.shape[0]
-    if n == 0:
-        raise InputError("'images' is empty; send at least one image", "empty")
-    if n > max_images:
-        raise InputError(f"{n} images in one upload; the limit is {max_images} (MAX_NPZ_IMAGES)", "too_many", 413)
-    if labels.dtype.kind not in "iu" or labels.ndim != 1:
-        raise InputError(f"'labels' must be a 1-D integer array; got {labels.dtype} with shape {labels.shape}", "type")
-    if labels.shape[0] != n:
-        raise InputError(f"{labels.shape[0]} labels for {n} images; send exactly one label per image", "count")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise InputError(f"labels[{bad[0]}] = {labels[bad[0]]} is out of range; labels are class indices "
                          f"0..{num_classes - 1}", "range")
     return np.ascontiguousarray(images), labels.astype(np.int64)
+
+
+def _opaque_8bit(img):
+    """An image whose pixels mean what they would mean to the model: 16-bit grey rescaled to 0..255 (Pillow's
+    convert clips it, so any value from 255/65535 up turned white), and transparency composited on black.
+    Black because a transparent pixel means "nothing there", which is 0 in the Fashion-MNIST and MNIST
+    images the grey models learnt from (bright object, black background); it also equals the pixel's
+    premultiplied colour. Dropping alpha instead showed whatever colour the transparent pixels happen to
+    store (often white), and white would frame the object in a brightness the model never saw."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        scaled = np.asarray(img, dtype=np.float64) * (255 / 65535)  # PNG's 16-bit maximum to 8-bit's
+        img = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img
 
 
 def decode_image_file(data: bytes, spec: InputSpec) -> np.ndarray:
@@ -244,8 +310,8 @@ def decode_image_file(data: bytes, spec: InputSpec) -> np.ndarray:
             if img.width * img.height > 4096 * 4096:
                 raise InputError(f"the image is {img.width}x{img.height}; the limit is 4096x4096 pixels",
                                  "too_big", 413)
-            img = img.convert("L" if spec.channels == 1 else "RGB").resize((spec.width, spec.height),
-                                                                           Image.Resampling.BILINEAR)
+            img = _opaque_8bit(img).convert("L" if spec.channels == 1 else "RGB").resize(
+                (spec.width, spec.height), Image.Resampling.BILINEAR)
             arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     except InputError:
         raise
@@ -272,6 +338,7 @@ class Classifier:
 
     loaded: LoadedModel
     device: torch.device
+    backend: str = "torch"  # the BACKEND setting: torch, onnx or auto; resolved to torch or onnx here
 
     def __post_init__(self):
         m = self.loaded.manifest
@@ -280,6 +347,18 @@ class Classifier:
         self.tta: bool = m.model.tta_flip
         # the manifest's calibration temperature (1.0 for versions published before it existed)
         self.temperature: float = m.metrics.calibration.temperature
+        # service/backends.py: onnxruntime on the version's model.onnx (temperature folded in), or torch
+        self.backend, self.backend_reason = backends.choose(self.backend, m, self.device, backends.ort_providers())
+        self._onnx = (backends.OnnxRunner(self.loaded, self.device, settings.get().torch_threads)
+                      if self.backend == "onnx" else None)
+
+    @functools.cached_property
+    def batcher(self) -> Batcher:
+        """This model's adaptive batcher for /predict. It belongs to the model object, not to a version name: a
+        reload (even back to a version served before) never takes it from a model that requests still use, and
+        it goes away with the model. It holds the model by a weak proxy, so there is no reference cycle to keep
+        a replaced model alive (the collector is frozen after loading)."""
+        return Batcher(weakref.proxy(self))
 
     def warm_up(self) -> None:
         """One small pass before the first request (or before a reloaded version is swapped in)."""
@@ -301,6 +380,8 @@ class Classifier:
 
     @torch.inference_mode()
     def _pass(self, xb: torch.Tensor) -> torch.Tensor:
+        if self._onnx is not None:
+            return torch.from_numpy(self._onnx(xb.numpy()))
         xb = preprocess(xb.to(self.device, non_blocking=True), self.spec)
         return probabilities(forward_logits(self.loaded.model, xb, self.tta), self.temperature).cpu()
 
@@ -345,17 +426,21 @@ class Classifier:
 
 
 class Batcher:
-    """Adaptive batching for /predict: images of requests that arrive while a forward pass runs are
-    stacked into the next one, up to `max_batch` images.
+    """Adaptive batching for /predict: images of requests that arrive together, or while a forward
+    pass runs, are stacked into one pass, up to `max_batch` images.
 
-    There is no waiting window: an image that finds the model idle runs at once, so batching adds
-    no latency at low load and never refuses a request (BentoML's own adaptive batching answers
-    503 when it cannot meet its latency target, and would change the answer's shape). The forward
-    pass runs on one inference thread, leaving the event loop free to read the next requests.
+    There is no waiting window: an image that finds the model idle runs in the event loop's next
+    step, so batching adds no latency at low load and never refuses a request (BentoML's own adaptive
+    batching answers 503 when it cannot meet its latency target, and would change the answer's shape).
+    On the CPU a pass of at most `inline_max` images runs on the event loop itself: handing it to a
+    thread and back cost more than the pass (two thread wake-ups and the loop's self-pipe per request,
+    README "Benchmarks"). Larger passes, and every pass on a GPU, run on one inference thread, leaving
+    the event loop free to read the next requests meanwhile.
     """
 
-    def __init__(self, classifier: Classifier, max_batch: int = 256):
+    def __init__(self, classifier: Classifier, max_batch: int = 256, inline_max: int = INLINE_MAX_IMAGES):
         self.classifier, self.max_batch = classifier, max_batch
+        self.inline_max = inline_max if classifier.device.type == "cpu" else 0
         self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self.draining = False
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-infer")
@@ -366,25 +451,34 @@ class Batcher:
         self.pending.append((images, future))
         if not self.draining:
             self.draining = True
+            # a task's first step runs after the steps already due: requests read together batch together
             loop.create_task(self._drain())
         return await future
+
+    def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+        take, n = [], 0
+        while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
+            item = self.pending.popleft()
+            if item[1].done():  # cancelled: its client went away while it waited (service/limits.py)
+                continue
+            take.append(item)
+            n += len(item[0])
+        return take
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self.pending:
-                take, n = [], 0
-                while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
-                    item = self.pending.popleft()
-                    if item[1].done():  # cancelled: its client went away while it waited (service/limits.py)
-                        continue
-                    take.append(item)
-                    n += len(item[0])
+                take = self._take()
                 if not take:
                     continue
                 x = take[0][0] if len(take) == 1 else np.concatenate([images for images, _ in take])
+                prom.get().forward_batch_size.labels(self.classifier.version).observe(len(x))
                 try:
-                    probs = await loop.run_in_executor(self.executor, self.classifier.probabilities, x)
+                    if len(x) <= self.inline_max:
+                        probs = self.classifier.probabilities(x)
+                    else:
+                        probs = await loop.run_in_executor(self.executor, self.classifier.probabilities, x)
                 except Exception as e:  # noqa: BLE001 - every waiting request hears of it
                     for _, future in take:
                         if not future.done():

@@ -18,6 +18,17 @@ class ClientGone(Exception):
 
 
 TAKES = {JSON: "application/json", FILE: "a multipart/form-data upload with the file in field 'file'"}
+SINGLE = (b"content-type", b"content-length")  # headers a request may send once: readers differ on which copy counts
+MAX_FILE_NAME_BYTES = 200  # BentoML stores an upload in a temporary file named after it (255 bytes at most)
+
+
+def request_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The headers as a dict; a request that repeats Content-Type or Content-Length is refused (400): the
+    guard would check one copy while BentoML parsed by another (the 415 could be bypassed)."""
+    for name in SINGLE:
+        if sum(1 for k, _ in raw if k == name) > 1:
+            raise InputError(f"the request sends {name.decode()} more than once; send it once", "bad_header")
+    return dict(raw)
 
 
 def content_type(headers: dict[bytes, bytes]) -> str:
@@ -131,6 +142,10 @@ async def check_upload(scope, body: bytes) -> None:
             files = form.getlist("file")
             if problem is None and (len(files) != 1 or not isinstance(files[0], UploadFile)):
                 problem = "no file in field 'file'" if not files else "field 'file' must be one uploaded file, not text"
+            name = (files[0].filename or "") if problem is None else ""
+            if len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES or "\0" in name:
+                problem = f"the file name is {len(name)} characters long (or holds a NUL); send a name of at " \
+                          f"most {MAX_FILE_NAME_BYTES} bytes"
         finally:
             await form.close()
     if problem:

@@ -23,12 +23,11 @@ from starlette.responses import JSONResponse
 from core import artifacts
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
-from service import metrics, settings, store
+from service import metric_paths, metrics, recovery, settings, store, v2
 from service.guard import STATE, FastRoute, Guard
 from service.inference import (
     DEFAULT_TOP_K,
     MAX_TOP_K,
-    Batcher,
     Classifier,
     InputError,
     decode_image_file,
@@ -115,6 +114,7 @@ class ModelInfo(BaseModel):
     offline_test_correct: int
     verdict: dict
     device: str
+    backend: str  # torch or onnx (BACKEND; service/backends.py)
     limits: dict
 
 
@@ -127,7 +127,9 @@ TopK = Annotated[Any, WithJsonSchema({"type": "integer", "minimum": 1, "maximum"
 
 
 def unready_answer() -> JSONResponse:
-    return JSONResponse({"error": f"model not loaded: {STATE.load_error}", "model_version": None}, status_code=503)
+    reason = STATE.load_reason or "loading"
+    return JSONResponse({"error": f"model not loaded: {STATE.load_error or 'still loading'}", "reason": reason,
+                         "model_version": None}, status_code=503, headers={"x-imgclf-reason": reason})
 
 
 def refusal_answer(model: Classifier, e: InputError) -> JSONResponse:
@@ -173,44 +175,63 @@ def with_model(method):
     traffic={"timeout": SETTINGS.request_timeout, "max_concurrency": SETTINGS.max_concurrency},
     logging={"access": {"enabled": False}},
     # OpenTelemetry spans cost ~20% of a small request; trace the API routes only when asked (TRACING=1)
-    tracing={} if SETTINGS.tracing else {"excluded_urls": ",".join(path.lstrip("/") for path in ROUTES)},
+    tracing={} if SETTINGS.tracing else {"excluded_urls": ",".join([*(path.lstrip("/") for path in ROUTES), "v2/"])},
 )
 class ImageClassifier:
     def __init__(self) -> None:
         STATE.reset()
         self.limits = settings.limits_in_force(SETTINGS, NAME)  # BentoML's configuration is loaded by now
+        self.model: Classifier | None = None
+        self.metrics = metrics.get()
+        if not self._load():
+            # /livez stays 200 (the process is sound; a restart would find the same files), /readyz answers 503
+            # with the reason, and the load is tried again until the files are back: then every worker serves
+            threading.Thread(target=self._retry_load, daemon=True, name="imgclf-load").start()
+
+    def _retry_load(self) -> None:
+        for delay in recovery.backoff(1, SETTINGS.load_retry_max_s):
+            time.sleep(delay)
+            if self._load():
+                return
+
+    def _load(self) -> bool:
+        """Load, verify and serve the chosen version; False, with the reason on /readyz and in the log, if refused."""
         root, name, version = SETTINGS.artifacts_dir, SETTINGS.model_name, SETTINGS.model_version
         try:
             root, name, version = choose_version()
             device = pick_device(SETTINGS.device)
             loaded = artifacts.load(root, name, version, device=device)
+            model = Classifier(loaded, device, SETTINGS.backend)  # BackendError (a ValueError) when unservable
         except (artifacts.ArtifactError, ValueError, RuntimeError, OSError, bentoml.exceptions.BentoMLException) as e:
-            # Stay up and say why on /readyz (503) and in the log: a bad version is never served.
-            STATE.load_error = f"model {name}/{version or '(promoted or newest)'} under {root} refused: {e}"
-            log.error("NOT READY: %s", STATE.load_error)
-            self.model = None
-            return
+            # Stay up and say why on /readyz (503; a reason code and a short message) and in the log (the full
+            # text, with server paths): a bad version is never served.
+            STATE.load_reason, STATE.load_error = recovery.client_reason(e, root)
+            log.error("NOT READY: model %s/%s under %s refused: %s", name, version or "(promoted or newest)", root, e)
+            return False
         if device.type == "cpu":
             # One intra-op thread per worker: for small models, more threads only spin and contend
             # with the server and the other workers (measured in bench/; README "Benchmarks").
             torch.set_num_threads(SETTINGS.torch_threads)
-        self.model = Classifier(loaded, device)
-        self.batchers = {self.model.version: Batcher(self.model)}  # adaptive batching of /predict
+        self.model = model
         self._size_bodies(self.model)
-        self.metrics = metrics.get()
         self._announce(name, self.model)
         self.model.warm_up()
         # The model and the framework are loaded for good: move them out of the collector's reach,
         # so full collections stop scanning them (they caused 100+ ms pauses; see README).
         gc.collect()
         gc.freeze()
-        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict)}
+        STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict,
+                                              self._parse_predict_body, self._predict_parsed)}
+        # the Open Inference Protocol v2 routes (service/v2.py): the current model and /predict's batching
+        v2.SERVED = v2.Served(lambda: self.model, lambda m, x: m.batcher.probabilities(x))
         STATE.ready = True
-        log.info("serving %s/%s on %s", name, self.model.version, device)
+        log.info("serving %s/%s on %s with %s (%s)", name, self.model.version, device, self.model.backend,
+                 self.model.backend_reason)
         every = SETTINGS.reload_poll_s
         if every > 0 and version is None:  # a pinned MODEL_VERSION or a bundled version never changes
             threading.Thread(target=self._watch_promotions, args=(root, name, every), daemon=True,
                              name="imgclf-reload").start()
+        return True
 
     # --- hot reload ------------------------------------------------------------------------
 
@@ -218,32 +239,39 @@ class ImageClassifier:
         """Serve a newly promoted version without a restart. `python -m training promote` is the
         trigger (it renames the PROMOTED file atomically); there is no HTTP route for it. The new
         version is verified and warmed up beside the old one, then swapped in with one assignment:
-        requests in flight finish on the model they started with. A version that fails to load is
-        logged and skipped; the old one keeps serving."""
-        failed: str | None = None
+        requests in flight finish on the model they started with (and on its own batcher, which goes
+        with it). A version that fails to load is logged and skipped, the old one keeps serving; it is
+        tried again as soon as its files or the PROMOTED file change (a repair, a new promote), and
+        otherwise after a backoff that doubles up to 5 minutes."""
+        refused, retry_at, delays = None, 0.0, recovery.backoff(every, 300)
         while True:
             time.sleep(every)
             try:
                 target = artifacts.promoted(root, name)
             except (artifacts.ArtifactError, OSError):
                 continue
-            if target is None or target == self.model.version or target == failed:
+            if target is None or target == self.model.version:
+                continue
+            attempt = (target, recovery.files_state(root, name, target))
+            if attempt == refused and time.monotonic() < retry_at:
                 continue
             try:
-                new = Classifier(artifacts.load(root, name, target, device=self.model.device), self.model.device)
+                new = Classifier(artifacts.load(root, name, target, device=self.model.device), self.model.device,
+                                 SETTINGS.backend)
                 new.warm_up()
             except Exception as e:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
-                failed = target
-                STATE.reload_error = (f"promoted version {name}/{target} refused, "
-                                      f"still serving {self.model.version}: {e}")
-                log.error("RELOAD FAILED: %s", STATE.reload_error)
+                if attempt != refused:
+                    delays = recovery.backoff(every, 300)
+                refused, retry_at = attempt, time.monotonic() + next(delays)
+                reason, message = recovery.client_reason(e, root)
+                STATE.reload_error = (f"promoted version {name}/{target} refused ({reason}: {message}); "
+                                      f"still serving {self.model.version}")
+                log.error("RELOAD FAILED: promoted version %s/%s refused, still serving %s: %s",
+                          name, target, self.model.version, e)
                 continue
-            self.batchers[new.version] = Batcher(new)
             self._size_bodies(new)
             old, self.model = self.model, new
-            # requests that took the old model finish on its batcher; it is dropped after a grace period
-            threading.Timer(60, self.batchers.pop, args=(old.version, None)).start()
-            failed, STATE.reload_error = None, None
+            refused, STATE.reload_error = None, None
             self._announce(name, new, old)
             gc.collect()
             gc.freeze()
@@ -260,18 +288,39 @@ class ImageClassifier:
         """The served version's metrics: its offline accuracy, and imgclf_model_info 1 (0 for `old`)."""
         self.metrics.offline_accuracy.labels(model.version).set(model.loaded.manifest.metrics.test_accuracy)
         self.metrics.model_info.labels(name, model.version).set(1)
+        metrics.record_offline(model.version, model.classes, model.loaded.manifest.metrics)
         if old is not None:
             self.metrics.model_info.labels(name, old.version).set(0)
 
     async def _predict(self, model: Classifier, route: Route, x: np.ndarray, top_k: int) -> JSONResponse:
         t = time.perf_counter()
-        preds = model.answers(await self.batchers[model.version].probabilities(x), top_k)
+        preds = model.answers(await model.batcher.probabilities(x), top_k)
         m = self.metrics
         m.latency.labels(route.path, model.version).observe(time.perf_counter() - t)
         m.batch_size.labels(route.path).observe(len(x))
         for p in preds:
             m.predictions.labels(model.version, p["class_name"]).inc()
         return JSONResponse({"model_version": model.version, "predictions": preds})
+
+    def _parse_predict_body(self, body: bytes) -> tuple[dict, bytes]:
+        """A large /predict body -> (header, uint8 pixels), computed in a child process (service/offload.py):
+        the same checks as `predict`; a body BentoML's input model refuses raises (BentoML's route answers)."""
+        model = self.model
+        inputs = ImageClassifier.apis["predict"].input_spec.model_validate_json(body)
+        try:
+            x, top_k = parse_predict_request({"images": inputs.images, "top_k": inputs.top_k}, model.spec,
+                                             len(model.classes))
+        except InputError as e:
+            return {"refused": str(e), "reason": e.reason, "status": e.status}, b""
+        return {"shape": list(x.shape), "top_k": top_k}, x.tobytes()
+
+    @with_model
+    async def _predict_parsed(self, model: Classifier, header: dict, payload: bytes) -> JSONResponse:
+        """`predict`'s answer from what _parse_predict_body computed."""
+        if "refused" in header:
+            raise InputError(header["refused"], header["reason"], header["status"])
+        x = np.frombuffer(bytearray(payload), np.uint8).reshape(header["shape"])
+        return await self._predict(model, PREDICT, x, header["top_k"])
 
     def _evaluate(self, model: Classifier, route: Route, x: np.ndarray, y: np.ndarray) -> JSONResponse:
         t = time.perf_counter()
@@ -280,6 +329,7 @@ class ImageClassifier:
         m.latency.labels(route.path, model.version).observe(time.perf_counter() - t)
         m.batch_size.labels(route.path).observe(len(x))
         m.evaluated.labels(model.version).inc(answer["n"])
+        m.evaluated_correct.labels(model.version).inc(metrics.correct_of(answer["confusion_matrix"]))
         m.evaluation_accuracy.labels(model.version).set(answer["accuracy"])
         return JSONResponse(answer)
 
@@ -325,7 +375,8 @@ class ImageClassifier:
         info = ModelInfo(name=m.name, model_version=m.version, created_at=m.created_at, architecture=m.model,
                          classes=list(m.classes), input=m.input, dataset=m.dataset, offline_metrics=m.metrics,
                          offline_test_n=m.metrics.n, offline_test_correct=m.metrics.correct,
-                         verdict=m.training.verdict, device=str(model.device), limits=self.limits)
+                         verdict=m.training.verdict, device=str(model.device), backend=model.backend,
+                         limits=self.limits)
         # reload_error: null, or why the last promoted version was refused (beside the typed answer: BentoML's
         # OpenAPI conversion would document an optional string as a plain string)
         return JSONResponse(info.model_dump(mode="json") | {"reload_error": STATE.reload_error})
@@ -333,3 +384,4 @@ class ImageClassifier:
 
 assert {api.route for api in ImageClassifier.apis.values()} == set(ROUTES), "service/routes.py lists every API"
 ImageClassifier.add_asgi_middleware(Guard)
+metric_paths.install()  # BentoML's request metrics label an unknown path as one "(other)"

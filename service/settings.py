@@ -63,6 +63,12 @@ def _device(raw: str) -> str:
     return raw
 
 
+def _backend(raw: str) -> str:
+    if raw not in ("auto", "torch", "onnx"):
+        raise ValueError("auto, torch or onnx")
+    return raw
+
+
 def _flag(raw: str) -> bool:
     if raw not in ("0", "1"):
         raise ValueError("0 (off) or 1 (on)")
@@ -97,9 +103,15 @@ class Settings:
     body_deadline_s: float = _var("BODY_DEADLINE_S", 60, "seconds a whole request body may take to arrive (408 after)",
                                   _positive_float)
     request_timeout: float = _var("REQUEST_TIMEOUT", 60, "seconds per request (504 after)", _positive_float)
-    torch_threads: int = _var("TORCH_THREADS", 1, "torch intra-op threads per worker (CPU)", _positive_int)
+    torch_threads: int = _var("TORCH_THREADS", 1, "intra-op threads per worker on the CPU (torch's or onnxruntime's)",
+                              _positive_int)
+    backend: str = _var("BACKEND", "auto", "what computes the probabilities: onnx (onnxruntime on the version's "
+                        "model.onnx; 2 to 10x faster than torch on the CPU in bench/onnx_backend.py), torch, or auto "
+                        "(onnx on the CPU when the version has a model.onnx, else torch; torch on a GPU)", _backend)
     reload_poll_s: float = _var("RELOAD_POLL_S", 2, "seconds between checks for a newly promoted version (0: off)",
                                 _non_negative_float)
+    load_retry_max_s: float = _var("LOAD_RETRY_MAX_S", 30, "a worker whose model failed to load retries after 1 s, "
+                                   "doubling up to this many seconds (503 on /readyz meanwhile)", _positive_float)
     tracing: bool = _var("TRACING", False, "1: OpenTelemetry spans on the API routes too (they cost ~20% of a small "
                          "request)", _flag)
     port: int = _var("PORT", 3000, "HTTP port of `python -m service.cli serve`", _port)

@@ -22,18 +22,19 @@ def _run(*cmd, cwd=None):
 @pytest.fixture(scope="module")
 def promtool():
     path = shutil.which("promtool")
-    assert path, "promtool missing: apt-get install prometheus (.ci/run does)"
+    assert path, "promtool missing: make tools (apt-get install prometheus)"
     return path
 
 
 def test_prometheus_config_and_rules_are_valid(promtool):
     r = _run(promtool, "check", "config", "prometheus.yml", cwd=DEPLOY / "prometheus")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 rules found" in r.stdout
+    assert "12 rules found" in r.stdout
 
 
 def test_alert_rules_fire_as_documented(promtool):
-    """promtool's rule unit tests: accuracy below the offline interval, p99, 5xx ratio, no model."""
+    """promtool's rule unit tests: windowed accuracy below offline and the predicted-class mix's drift (healthy
+    streams never fire, real trouble does), p99, 5xx ratio, no model."""
     r = _run(promtool, "test", "rules", "alerts_test.yml", cwd=DEPLOY / "prometheus")
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -136,7 +137,7 @@ def test_a_changed_alerts_yml_makes_the_check_fail(tmp_path, monkeypatch, capsys
 def test_the_prometheus_rule_spec_is_a_rule_file_promtool_accepts(promtool, tmp_path):
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(_operator_objects()["PrometheusRule"]["spec"]))
     r = _run(promtool, "check", "rules", str(tmp_path / "rules.yml"))
-    assert r.returncode == 0 and "4 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "12 rules found" in r.stdout, r.stdout + r.stderr
 
 
 def test_the_service_monitor_scrapes_the_service_port_and_path():
@@ -153,18 +154,33 @@ def test_the_service_monitor_scrapes_the_service_port_and_path():
 
 
 def metric_names_used() -> set[str]:
-    """Every metric the dashboard and the alert rules name, histogram suffixes stripped."""
+    """Every metric the dashboard and the alert rules name, histogram suffixes stripped (not the recording
+    rules' names, level:metric:operation, which Prometheus makes from these)."""
     exprs = [t["expr"] for p in json.loads((DEPLOY / "grafana" / "imgclf-dashboard.json").read_text())["panels"]
              for t in p["targets"]]
     exprs.append((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    names = set(re.findall(r"\b((?:imgclf|bentoml_service)_[a-z_]+)", "\n".join(exprs)))
+    names = set(re.findall(r"(?<![\w:])((?:imgclf|bentoml_service)_[a-z_]+)(?![\w:])", "\n".join(exprs)))
     return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
 
 
 def test_dashboard_is_grafana_json():
     d = json.loads((DEPLOY / "grafana" / "imgclf-dashboard.json").read_text())
     assert d["panels"] and all(p["targets"] for p in d["panels"])
-    assert {"imgclf_evaluation_accuracy", "imgclf_inference_latency_seconds"} <= metric_names_used()
+    assert {"imgclf_evaluated_correct_total", "imgclf_expected_prediction_share", "imgclf_forward_batch_size",
+            "imgclf_inference_latency_seconds"} <= metric_names_used()
+
+
+def test_every_recorded_series_the_dashboard_and_alerts_read_is_a_rule_of_alerts_yml():
+    """The windowed accuracy, its shortfall and the drift distance come from recording rules; a misspelt one
+    would draw an empty panel or an alert that never fires."""
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    recorded = {r["record"] for r in rules if "record" in r}
+    exprs = [t["expr"] for p in json.loads((DEPLOY / "grafana" / "imgclf-dashboard.json").read_text())["panels"]
+             for t in p["targets"]] + [r["expr"] for r in rules]
+    read = set(re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", "\n".join(exprs)))
+    assert {"model_version:imgclf_evaluated_accuracy:ratio6h", "model_version:imgclf_accuracy_shortfall:z6h",
+            "model_version:imgclf_prediction_share:tvd1h"} <= read
+    assert read <= recorded, sorted(read - recorded)
 
 
 # --- the proxy sidecar (deploy/nginx/nginx.conf; tests/test_proxy.py runs it in front of a real server)

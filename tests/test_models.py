@@ -89,7 +89,11 @@ def test_resnet_is_built_from_torchvisions_basic_block():
     assert model.blocks(model.stem(x)).shape == (2, 256, 7, 7)  # 28 -> 14 -> 7
 
 
-def test_resnet_bf16_autocast_only_while_training_and_logits_stay_float32():
+@pytest.mark.parametrize("native", [True, False])
+def test_resnet_bf16_autocast_only_while_training_where_native_and_logits_stay_float32(monkeypatch, native):
+    from core import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda device_type: native)
     torch.manual_seed(0)
     model = build_model("resnet", 1, 28, 28, 10, widths=[8, 16], train_bf16=True)
     x = torch.randn(3, 1, 28, 28)
@@ -101,7 +105,31 @@ def test_resnet_bf16_autocast_only_while_training_and_logits_stay_float32():
     with torch.no_grad():
         assert model(x).dtype == torch.float32
     hook.remove()
-    assert seen == [torch.bfloat16, torch.float32]  # autocast in training only; evaluation is float32
+    # autocast in training only, and only where bf16 is native; evaluation is float32
+    assert seen == [torch.bfloat16 if native else torch.float32, torch.float32]
+    cpu = torch.device("cpu")
+    assert models.training_precision(model, cpu) == ("bfloat16 autocast" if native else
+                                                     "float32 (train_bf16 asked; this cpu has no native bfloat16)")
+    assert models.training_precision(build_model("lenet", 1, 28, 28, 10), cpu) == "float32"
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    from core import models
+
+    def flags(text):
+        models.native_bf16.cache_clear()
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {text}\n")
+        return models.native_bf16("cpu")
+
+    real = models.Path
+    monkeypatch.setattr(models, "Path", lambda p: tmp_path / "cpuinfo" if p == "/proc/cpuinfo" else real(p))
+    try:
+        assert flags("fpu sse avx2 avx512f") is False  # AVX-512 without BF16: emulated
+        assert flags("fpu avx2 avx512f avx512_bf16") is True
+        assert flags("fpu avx2 amx_bf16 amx_tile") is True
+        assert models.native_bf16("mps") is False
+    finally:
+        models.native_bf16.cache_clear()
 
 
 def test_tta_flip_averages_the_mirrored_logits():

@@ -92,7 +92,7 @@ def test_resnet_preset_trains_and_reloads_with_the_same_logits(tmp_path, monkeyp
     # the trained model's logits and the manifest's confusion matrix
     from torchvision.models.resnet import BasicBlock
 
-    from core.models import forward_logits, preprocess
+    from core.models import forward_logits, native_bf16, preprocess
     from training import pipeline
     from training.data import load_dataset
 
@@ -112,6 +112,8 @@ def test_resnet_preset_trains_and_reloads_with_the_same_logits(tmp_path, monkeyp
     m = _check_version(folder)
     assert m["model"] == {"arch": "resnet", "kwargs": kwargs, "tta_flip": True, "parameters": 174_970}
     assert m["config"]["random_erase"] == 0.5 and m["config"]["deterministic"] is False
+    assert m["precision"] == ("bfloat16 autocast" if native_bf16("cpu") else
+                              "float32 (train_bf16 asked; this cpu has no native bfloat16)")
     loaded = artifacts.load(cfg.artifacts_dir, "resnet", folder.name)
     assert sum(isinstance(b, BasicBlock) for b in loaded.model.modules()) == 6
     ds = load_dataset("fashion_mnist")

@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from bench.harness import free_port, stop, wait_ready
 from tests.test_deploy import DEPLOY, metric_names_used
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def prometheus(lenet_server, tmp_path_factory):
     binary = shutil.which("prometheus")
-    assert binary, "prometheus missing: apt-get install prometheus (.ci/run does)"
+    assert binary, "prometheus missing: make tools (apt-get install prometheus)"
     d = tmp_path_factory.mktemp("prometheus")
     target = lenet_server.url.removeprefix("http://")
     # the shipped file, with only the target and the intervals changed for a test of seconds
@@ -70,8 +71,10 @@ def test_prometheus_scrapes_the_service_and_answers_for_accuracy(prometheus, len
 def test_prometheus_loaded_the_shipped_rules(prometheus):
     groups = httpx.get(prometheus + "/api/v1/rules", timeout=5).json()["data"]["groups"]
     rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
-    assert set(rules) == {"ImgclfAccuracyBelowOffline", "ImgclfHighLatencyP99", "ImgclfHighErrorRate",
-                          "ImgclfNoModelLoaded"}
+    shipped = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert set(rules) == {r.get("alert") or r["record"] for r in shipped}
+    assert {"ImgclfAccuracyBelowOffline", "ImgclfPredictionMixDrift", "ImgclfHighLatencyP99", "ImgclfHighErrorRate",
+            "ImgclfNoModelLoaded", "model_version:imgclf_prediction_share:tvd1h"} <= set(rules)
     assert all(h in ("ok", "unknown") for h in rules.values()), rules
 
 

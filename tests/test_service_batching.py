@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from core import artifacts
+from service import metrics
 from service.inference import Batcher, Classifier
 
 
@@ -28,6 +29,8 @@ def test_concurrent_requests_are_batched_and_answered_with_their_own_images(lene
     async def run():
         return await asyncio.gather(*(batcher.probabilities(x) for x in images))
 
+    histogram = metrics.get().forward_batch_size.labels(version)
+    before = _count_and_sum(histogram)
     got = asyncio.run(run())
     for x, p in zip(images, got):
         assert p.shape == (len(x), 10)
@@ -35,6 +38,13 @@ def test_concurrent_requests_are_batched_and_answered_with_their_own_images(lene
     assert sum(passes) == sum(len(x) for x in images)
     assert len(passes) < len(images), "requests that arrive together share forward passes"
     assert max(passes) <= 64
+    after = _count_and_sum(histogram)  # imgclf_forward_batch_size observed each pass
+    assert (after[0] - before[0], after[1] - before[1]) == (len(passes), sum(passes))
+
+
+def _count_and_sum(histogram) -> tuple[float, float]:
+    samples = {s.name: s.value for m in histogram.collect() for s in m.samples}
+    return samples["imgclf_forward_batch_size_count"], samples["imgclf_forward_batch_size_sum"]
 
 
 def test_an_idle_request_runs_at_once_and_errors_reach_every_waiter(lenet_version):

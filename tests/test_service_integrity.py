@@ -68,7 +68,9 @@ def test_flipped_byte_in_the_weights_never_becomes_ready(lenet_version, tmp_path
     actual = hashlib.sha256(bytes(data)).hexdigest()
     s, r = refused({"ARTIFACTS_DIR": str(bad_root), "MODEL_NAME": name, "MODEL_VERSION": version}, "sha256")
     try:
-        assert_never_served(s, r, str(weights), manifest["weights_sha256"], actual)
+        # clients see the file relative to ARTIFACTS_DIR, never the server's absolute path; the log has it
+        assert_never_served(s, r, f"{name}/{version}/model.safetensors", manifest["weights_sha256"], actual)
+        assert str(weights) in s.log() and str(bad_root) not in r.text
     finally:
         s.stop()
 

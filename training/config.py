@@ -71,7 +71,8 @@ class TrainConfig:
 
 
 # Defaults per model, chosen on these 2-core machines (measurements: docs/training-results.md).
-# cnn: a narrow (16, 32, 64) net in channels_last with bfloat16 autocast while training (on this AMX
+# cnn: a narrow (16, 32, 64) net in channels_last with bfloat16 autocast while training where bf16 is
+# native (core.models.native_bf16; float32 elsewhere, ten times faster there than emulated bf16) (on an AMX
 # CPU 2.4x the images/s of the same net in float32 NCHW, 6x those of a float32 (32, 64, 128) net),
 # label smoothing, and test-time flip averaging, which the service repeats (it is in the manifest).
 # Flip averaging only where training saw flips: lenet trains without augmentation, and averaging cost

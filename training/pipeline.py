@@ -22,7 +22,7 @@ import torchvision
 from core import artifacts, registry
 from core.manifest import DatasetRecord, InputSpec, Manifest, ModelSpec, OfflineMetrics, TrainingRecord
 from core.metrics import per_class
-from core.models import build_model, pick_device
+from core.models import build_model, pick_device, training_precision
 from training import calibrate, export, report
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
@@ -146,7 +146,7 @@ def _manifest(cfg: TrainConfig, run: Run, test: dict, state: FitState, seconds: 
             git_commit=_git_commit(), device=str(run.device), training_seconds=round(seconds, 2),
             stopped_early=state.stopped_early, best_epoch=state.best_epoch, history=state.history,
             verdict=fit_verdict(state.history, cfg.underfit_accuracy, cfg.overfit_gap), distributed=distributed,
-            replay_of=replay_of),
+            replay_of=replay_of, precision=training_precision(run.model, run.device)),
     )
 
 
