@@ -76,7 +76,7 @@ def test_unless_gone_cancels_the_work_when_the_client_disconnects_and_not_otherw
 class _Gate:
     """A stand-in classifier whose forward pass waits for `release`; it records the images of each pass."""
 
-    device = torch.device("cpu")
+    device, version = torch.device("cpu"), "gate"
 
     def __init__(self):
         self.release, self.passes = threading.Event(), []
