@@ -46,9 +46,11 @@ class State:
     load_reason: str | None = None  # its reason code (service/recovery.py)
     fast: dict[str, FastRoute] = field(default_factory=dict)  # route path -> FastRoute, once a model is loaded
     reload_error: str | None = None  # the last promoted version that failed to load, and why
+    max_body_bytes: int | None = None  # the body limit for the served model's input (settings.body_limit)
 
     def reset(self) -> None:
         self.ready, self.load_error, self.load_reason, self.fast = False, None, None, {}
+        self.max_body_bytes = None
 
 
 STATE = State()
@@ -172,7 +174,8 @@ class Guard:
             return await _send_json(send, 503, body, [(b"content-type", b"application/json"),
                                                       (b"x-imgclf-reason", reason.encode())])
         if scope["type"] == "http" and v2.handles(scope["path"]):  # the Open Inference Protocol (service/v2.py)
-            return await v2.handle(scope, receive, send, STATE, self.max_body_bytes, self.body_timeouts)
+            return await v2.handle(scope, receive, send, STATE, STATE.max_body_bytes or self.max_body_bytes,
+                                   self.body_timeouts)
         if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await openapi.documented_spec(self.app, scope, receive, send)
         return await self.app(scope, receive, send)
@@ -182,8 +185,9 @@ class Guard:
         endpoint or BentoML's parser waits on a slow client; BentoML gets it replayed."""
         headers = limits.request_headers(scope["headers"])
         limits.check_content_type(route, headers)
-        limits.declared_length(headers, self.max_body_bytes)
-        body = await limits.read_body(receive, self.max_body_bytes, *self.body_timeouts)
+        max_bytes = STATE.max_body_bytes or self.max_body_bytes
+        limits.declared_length(headers, max_bytes)
+        body = await limits.read_body(receive, max_bytes, *self.body_timeouts)
         if route.kind == FILE:
             await limits.check_upload(scope, body)
         return body

@@ -215,6 +215,7 @@ class ImageClassifier:
             # with the server and the other workers (measured in bench/; README "Benchmarks").
             torch.set_num_threads(SETTINGS.torch_threads)
         self.model = model
+        self._size_bodies(self.model)
         self._announce(name, self.model)
         self.model.warm_up()
         # The model and the framework are loaded for good: move them out of the collector's reach,
@@ -271,6 +272,7 @@ class ImageClassifier:
                 log.error("RELOAD FAILED: promoted version %s/%s refused, still serving %s: %s",
                           name, target, self.model.version, e)
                 continue
+            self._size_bodies(new)
             old, self.model = self.model, new
             refused, STATE.reload_error = None, None
             self._announce(name, new, old)
@@ -279,6 +281,11 @@ class ImageClassifier:
             log.info("reloaded: now serving %s/%s (was %s)", name, new.version, old.version)
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _size_bodies(self, model: Classifier) -> None:
+        """The body limit for this model's input: MAX_BODY_MB, or its largest legal request (service/settings.py)."""
+        STATE.max_body_bytes = SETTINGS.body_limit(model.spec.shape, len(model.classes))
+        self.limits = {**self.limits, "max_body_bytes": STATE.max_body_bytes}
 
     def _announce(self, name: str, model: Classifier, old: Classifier | None = None) -> None:
         """The served version's metrics: its offline accuracy, and imgclf_model_info 1 (0 for `old`)."""

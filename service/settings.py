@@ -11,6 +11,7 @@ reads BentoML's merged result, so what the service reports is what BentoML enfor
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
@@ -96,7 +97,10 @@ class Settings:
                                 _positive_int)
     max_images: int = _var("MAX_IMAGES", 1024, "images per JSON request (413 above)", _positive_int)
     max_npz_images: int = _var("MAX_NPZ_IMAGES", 100_000, "images per .npz upload (413 above)", _positive_int)
-    max_body_mb: float = _var("MAX_BODY_MB", 64, "request body size in MiB (413 above)", _positive_float)
+    max_body_mb: float | None = _var("MAX_BODY_MB", None, "request body size in MiB (413 above); unset: the largest "
+                                     "legal request for the served model's input (largest_request_bytes: an .npz "
+                                     "of MAX_NPZ_IMAGES images, or an /evaluate JSON of MAX_IMAGES images, plus "
+                                     "64 KiB), 75.6 MiB for 28x28 images", _positive_float)
     max_concurrency: int = _var("MAX_CONCURRENCY", 256, "requests in flight in the whole service, all workers "
                                 "together (429 with Retry-After above it)", _positive_int)
     heavy_concurrency: int = _var("HEAVY_CONCURRENCY", 2, "concurrent /evaluate and /evaluate_npz per worker (429 "
@@ -122,7 +126,14 @@ class Settings:
 
     @property
     def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 1024 * 1024)
+        """The body limit before a model is loaded: MAX_BODY_MB, or the largest legal request of 28x28 images."""
+        return self.body_limit((1, 28, 28), 10)
+
+    def body_limit(self, shape: tuple[int, int, int], num_classes: int) -> int:
+        """The body limit for a model of input `shape` (C, H, W): MAX_BODY_MB, or else the largest legal request."""
+        if self.max_body_mb is not None:
+            return int(self.max_body_mb * 1024 * 1024)
+        return largest_request_bytes(shape, num_classes, self.max_images, self.max_npz_images)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -139,6 +150,23 @@ class Settings:
         if problems:
             raise SettingsError("; ".join(problems))
         return cls(**values)
+
+
+ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and part headers, zip and .npy headers: well under this
+
+
+def largest_request_bytes(shape: tuple[int, int, int], num_classes: int, max_images: int, max_npz_images: int) -> int:
+    """The largest legal request body for images of `shape` (C, H, W), plus ENVELOPE_BYTES: the larger of
+    an /evaluate_npz upload of `max_npz_images` uint8 images with int64 labels (numpy.savez, uncompressed)
+    and an /evaluate JSON body of `max_images` images of pixel value 255 with the largest labels, written
+    as json.dumps writes it (/predict's body, with top_k instead of labels, is smaller)."""
+    c, h, w = shape
+    pixels = c * h * w
+    npz = max_npz_images * (pixels + 8)
+    image = [[[255] * w] * h] * c if c > 1 else [[255] * w] * h
+    one, label = len(json.dumps(image)), len(str(num_classes - 1))
+    evaluate = len('{"images": [], "labels": []}') + max_images * (one + 2 + label + 2)
+    return max(npz, evaluate) + ENVELOPE_BYTES
 
 
 @functools.cache

@@ -233,3 +233,12 @@ def test_the_shipped_nginx_config_is_valid_for_nginx(tmp_path):
     assert Path(nginx).exists(), "nginx missing: make tools (apt-get install nginx)"
     r = _run(nginx, "-t", "-p", f"{tmp_path}/", "-c", str(DEPLOY / "nginx" / "nginx.conf"), "-e", "stderr")
     assert r.returncode == 0 and "test is successful" in r.stderr, r.stdout + r.stderr
+
+
+def test_the_proxy_body_limit_is_the_services_default_rounded_up_to_a_mib():
+    """nginx refuses what the service would refuse anyway, and nothing the service takes (28x28 models)."""
+    from service.settings import Settings
+
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    (mib,) = re.findall(r"^\s+client_max_body_size (\d+)m;", conf, re.M)
+    assert int(mib) == -(-Settings().max_body_bytes // 2**20)

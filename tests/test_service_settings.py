@@ -23,7 +23,7 @@ def test_defaults_are_the_documented_ones():
     assert (s.artifacts_dir, s.model_name, s.model_version, s.device, s.workers) == (
         "artifacts", "cnn", None, "auto", None)
     assert (s.max_images, s.max_npz_images, s.max_body_bytes, s.max_concurrency, s.request_timeout) == (
-        1024, 100_000, 64 * 1024 * 1024, 256, 60)
+        1024, 100_000, 100_000 * (28 * 28 + 8) + 64 * 1024, 256, 60)  # the largest legal .npz of 28x28 images
     assert (s.torch_threads, s.reload_poll_s, s.tracing, s.port, s.host) == (1, 2, False, 3000, "0.0.0.0")
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.max_images = 1

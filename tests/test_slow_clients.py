@@ -49,6 +49,13 @@ def test_read_body_times_out_between_chunks_and_in_all():
     assert 0.45 < time.monotonic() - t < 2
 
 
+def test_the_408_is_documented_in_the_openapi_spec():
+    from service import openapi
+
+    spec = openapi.document_errors({"paths": {"/predict": {"post": {"responses": {}}}}})
+    assert "BODY_TIMEOUT_S" in spec["paths"]["/predict"]["post"]["responses"]["408"]["description"]
+
+
 def test_unless_gone_cancels_the_work_when_the_client_disconnects_and_not_otherwise():
     async def gone_after(delay):
         await asyncio.sleep(delay)
@@ -69,6 +76,8 @@ def test_unless_gone_cancels_the_work_when_the_client_disconnects_and_not_otherw
 class _Gate:
     """A stand-in classifier whose forward pass waits for `release`; it records the images of each pass."""
 
+    device, version = torch.device("cpu"), "gate"
+
     def __init__(self):
         self.release, self.passes = threading.Event(), []
 
@@ -80,7 +89,7 @@ class _Gate:
 
 def test_a_request_cancelled_while_queued_is_not_computed():
     gate = _Gate()
-    batcher = Batcher(gate)
+    batcher = Batcher(gate, inline_max=0)  # every pass on the inference thread: the gate must not block the loop
     image = [np.full((1, 1, 28, 28), i, np.uint8) for i in range(4)]
 
     async def run():
