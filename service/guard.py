@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from service import admission, limits, metrics, offload, openapi, settings, v2
 from service.inference import InputError
-from service.routes import FILE, ROUTES, Route
+from service.routes import FILE, JSON, ROUTES, Route
 
 log = logging.getLogger("imgclf")
 
@@ -47,10 +47,11 @@ class State:
     fast: dict[str, FastRoute] = field(default_factory=dict)  # route path -> FastRoute, once a model is loaded
     reload_error: str | None = None  # the last promoted version that failed to load, and why
     max_body_bytes: int | None = None  # the body limit for the served model's input (settings.body_limit)
+    max_json_body_bytes: int | None = None  # the same for the JSON routes (/predict, /evaluate, /v2 infer)
 
     def reset(self) -> None:
         self.ready, self.load_error, self.load_reason, self.fast = False, None, None, {}
-        self.max_body_bytes = None
+        self.max_body_bytes = self.max_json_body_bytes = None
 
 
 STATE = State()
@@ -129,7 +130,8 @@ class Guard:
     def __init__(self, app):
         self.app = app
         config = settings.get()
-        self.max_body_bytes = config.max_body_bytes
+        self.max_body_bytes = config.max_body_bytes  # until a model is loaded: the limits for 28x28 images
+        self.max_json_body_bytes = config.body_limit((1, 28, 28), 10, json_only=True)
         self.body_timeouts = (config.body_timeout_s, config.body_deadline_s)
         self.admission = admission.for_this_worker(config.max_concurrency, config.heavy_concurrency)
 
@@ -174,18 +176,23 @@ class Guard:
             return await _send_json(send, 503, body, [(b"content-type", b"application/json"),
                                                       (b"x-imgclf-reason", reason.encode())])
         if scope["type"] == "http" and v2.handles(scope["path"]):  # the Open Inference Protocol (service/v2.py)
-            return await v2.handle(scope, receive, send, STATE, STATE.max_body_bytes or self.max_body_bytes,
-                                   self.body_timeouts)
+            return await v2.handle(scope, receive, send, STATE, self._body_limit(json_route=True), self.body_timeouts)
         if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await openapi.documented_spec(self.app, scope, receive, send)
         return await self.app(scope, receive, send)
+
+    def _body_limit(self, json_route: bool) -> int:
+        """MAX_BODY_MB, or the largest legal request of the served model (of a JSON route when `json_route`): a JSON
+        body is parsed whole, so it is held to a JSON body's size, not to the far larger .npz upload's."""
+        limit = STATE.max_json_body_bytes if json_route else STATE.max_body_bytes
+        return limit or (self.max_json_body_bytes if json_route else self.max_body_bytes)
 
     async def _checked_body(self, route: Route, scope, receive) -> bytes:
         """Check content type and size, then read the body here, with its timeouts (408), before any
         endpoint or BentoML's parser waits on a slow client; BentoML gets it replayed."""
         headers = limits.request_headers(scope["headers"])
         limits.check_content_type(route, headers)
-        max_bytes = STATE.max_body_bytes or self.max_body_bytes
+        max_bytes = self._body_limit(route.kind == JSON)
         limits.declared_length(headers, max_bytes)
         body = await limits.read_body(receive, max_bytes, *self.body_timeouts)
         if route.kind == FILE:

@@ -285,7 +285,10 @@ class ImageClassifier:
     def _size_bodies(self, model: Classifier) -> None:
         """The body limit for this model's input: MAX_BODY_MB, or its largest legal request (service/settings.py)."""
         STATE.max_body_bytes = SETTINGS.body_limit(model.spec.shape, len(model.classes))
-        self.limits = {**self.limits, "max_body_bytes": STATE.max_body_bytes}
+        # JSON bodies are parsed whole, on the event loop for /evaluate: they get the JSON routes' own bound
+        STATE.max_json_body_bytes = SETTINGS.body_limit(model.spec.shape, len(model.classes), json_only=True)
+        self.limits = {**self.limits, "max_body_bytes": STATE.max_body_bytes,
+                       "max_json_body_bytes": STATE.max_json_body_bytes}
 
     def _announce(self, name: str, model: Classifier, old: Classifier | None = None) -> None:
         """The served version's metrics: its offline accuracy, and imgclf_model_info 1 (0 for `old`)."""

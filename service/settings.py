@@ -129,11 +129,12 @@ class Settings:
         """The body limit before a model is loaded: MAX_BODY_MB, or the largest legal request of 28x28 images."""
         return self.body_limit((1, 28, 28), 10)
 
-    def body_limit(self, shape: tuple[int, int, int], num_classes: int) -> int:
-        """The body limit for a model of input `shape` (C, H, W): MAX_BODY_MB, or else the largest legal request."""
+    def body_limit(self, shape: tuple[int, int, int], num_classes: int, json_only: bool = False) -> int:
+        """The body limit for a model of input `shape` (C, H, W): MAX_BODY_MB, or else the largest legal request
+        (json_only: of the JSON routes, whose bodies are parsed whole; an upload route takes the .npz's size)."""
         if self.max_body_mb is not None:
             return int(self.max_body_mb * 1024 * 1024)
-        return largest_request_bytes(shape, num_classes, self.max_images, self.max_npz_images)
+        return largest_request_bytes(shape, num_classes, self.max_images, 0 if json_only else self.max_npz_images)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -162,7 +163,7 @@ def largest_request_bytes(shape: tuple[int, int, int], num_classes: int, max_ima
     as json.dumps writes it (/predict's body, with top_k instead of labels, is smaller)."""
     c, h, w = shape
     pixels = c * h * w
-    npz = max_npz_images * (pixels + 8)
+    npz = max_npz_images * (pixels + 8)  # 0 when only the JSON routes count
     image = [[[255] * w] * h] * c if c > 1 else [[255] * w] * h
     one, label = len(json.dumps(image)), len(str(num_classes - 1))
     evaluate = len('{"images": [], "labels": []}') + max_images * (one + 2 + label + 2)
@@ -207,6 +208,7 @@ def limits_in_force(settings: Settings, service: str) -> dict:
     own = traffic.get("max_concurrency")
     return {"max_images": settings.max_images, "max_npz_images": settings.max_npz_images,
             "max_body_bytes": settings.max_body_bytes,
+            "max_json_body_bytes": settings.body_limit((1, 28, 28), 10, json_only=True),
             "max_concurrency": settings.max_concurrency,
             "heavy_concurrency_per_worker": settings.heavy_concurrency,
             "bentoml_max_concurrency_per_worker": math.ceil(own / max(workers, 1)) if own else None,
