@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 import zipfile
@@ -27,7 +26,7 @@ from bench.harness import Server
 from core.manifest import InputSpec
 from service.inference import InputError, decode_image_file, parse_labels, parse_npz
 from tests.conftest import ROOT, tiny_config
-from tests.test_reliability_service import _publish_variant
+from tests.test_reliability_service import SteadyLoad, _publish_variant
 
 IMG = [[0] * 28 for _ in range(28)]
 ONE = {"images": [IMG]}
@@ -283,23 +282,7 @@ def test_a_rollback_within_60_s_under_load_loses_no_request_and_keeps_every_rout
     env = {"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": "", "RELOAD_POLL_S": "0.3",
            "REQUEST_TIMEOUT": "5"}
     with Server(env, workers=1) as s:
-        answers: list[tuple[float, int, str | None]] = []
-        failures: list[BaseException] = []
-        stop = threading.Event()
-
-        def client():
-            with httpx.Client(timeout=15) as c:
-                while not stop.is_set():
-                    try:
-                        r = c.post(s.url + "/predict", json=ONE)
-                        answers.append((time.monotonic(), r.status_code, r.json().get("model_version")))
-                    except BaseException as e:  # noqa: BLE001 - a lost request is the failure we look for
-                        failures.append(e)
-
-        threads = [threading.Thread(target=client) for _ in range(2)]
-        try:
-            for t in threads:
-                t.start()
+        with SteadyLoad(s.url, 2) as load:
             _promote_cli(root, name, v2)
             _wait_for(lambda: _info(s.url)["model_version"] == v2, 20, f"{v2} served")
             first_swap = time.monotonic()
@@ -309,14 +292,11 @@ def test_a_rollback_within_60_s_under_load_loses_no_request_and_keeps_every_rout
             _wait_for(lambda: _info(s.url)["model_version"] == v1, 20, f"{v1} served again")
             assert time.monotonic() - first_swap < 60
             time.sleep(max(0.0, first_swap + 66 - time.monotonic()))  # past the old 60 s timer
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
         png = _png(Image.fromarray(np.zeros((28, 28), np.uint8)))
         image = httpx.post(s.url + "/predict_image", files={"file": ("x.png", png)}, timeout=15)
         last = httpx.post(s.url + "/predict", json=ONE, timeout=15)
 
+    answers, failures = load.answers, load.failures
     codes = Counter(code for _, code, _ in answers)
     print(f"\nA->B->A: {len(answers)} answers {dict(codes)}, versions {dict(Counter(v for *_, v in answers))}")
     assert not failures, failures[:3]

@@ -210,6 +210,34 @@ def _publish_variant(root: Path, name: str, source: str, shift: float) -> str:
     return artifacts.publish(root, name, state, manifest).name
 
 
+class SteadyLoad:
+    """`clients` threads posting ONE to `url`/predict until the block ends. `answers`: (time, status, version)
+    of each answer; `failures`: each request lost (an exception instead of an answer)."""
+
+    def __init__(self, url: str, clients: int):
+        self.url, self.answers, self.failures, self.stop = url, [], [], threading.Event()
+        self.threads = [threading.Thread(target=self._client) for _ in range(clients)]
+
+    def _client(self) -> None:
+        with httpx.Client(timeout=15) as c:
+            while not self.stop.is_set():
+                try:
+                    r = c.post(self.url + "/predict", json=ONE)
+                    self.answers.append((time.monotonic(), r.status_code, r.json().get("model_version")))
+                except BaseException as e:  # noqa: BLE001 - a lost request is the failure we look for
+                    self.failures.append(e)
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
 def test_hot_reload_under_load_loses_no_request_and_refuses_a_corrupt_version(lenet_version, tmp_path):
     from core import artifacts
 
@@ -220,23 +248,7 @@ def test_hot_reload_under_load_loses_no_request_and_refuses_a_corrupt_version(le
     artifacts.promote(root, name, v1)
     with Server({"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": "", "RELOAD_POLL_S": "0.5"},
                 workers=2) as s:
-        answers: list[tuple[float, int, str | None]] = []
-        failures: list[BaseException] = []
-        stop = threading.Event()
-
-        def client():
-            with httpx.Client(timeout=15) as c:
-                while not stop.is_set():
-                    try:
-                        r = c.post(s.url + "/predict", json=ONE)
-                        answers.append((time.monotonic(), r.status_code, r.json().get("model_version")))
-                    except BaseException as e:  # noqa: BLE001 - a lost request is the failure we look for
-                        failures.append(e)
-
-        threads = [threading.Thread(target=client) for _ in range(4)]
-        try:
-            for t in threads:
-                t.start()
+        with SteadyLoad(s.url, 4) as load:
             time.sleep(2)
             promote_started = time.monotonic()  # the command imports torch first: the switch falls in between
             # --force: this test is about the switch, not the gate (the variant's bias shift may cost accuracy)
@@ -258,14 +270,11 @@ def test_hot_reload_under_load_loses_no_request_and_refuses_a_corrupt_version(le
             while s.log().count("RELOAD FAILED") < 2 and time.monotonic() < deadline:
                 time.sleep(0.5)
             time.sleep(2)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
-            log = s.log()
-            info = [httpx.get(s.url + "/model_info", timeout=10).json() for _ in range(4)]
+        log = s.log()
+        info = [httpx.get(s.url + "/model_info", timeout=10).json() for _ in range(4)]
 
-    assert not failures, failures[:3]
+    answers = load.answers
+    assert not load.failures, load.failures[:3]
     codes = Counter(code for _, code, _ in answers)
     versions = Counter(v for _, _, v in answers)
     print(f"\nhot reload: {len(answers)} answers {dict(codes)}, versions {dict(versions)}")
