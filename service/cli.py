@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", help="default: HOST, else 0.0.0.0")
     args = ap.parse_args(argv)
     try:
-        cfg = settings.get()  # a bad setting is refused here, before BentoML starts
+        cfg = settings.read()  # the environment as it is now: a bad setting is refused before BentoML starts
     except settings.SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

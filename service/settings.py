@@ -170,10 +170,15 @@ def largest_request_bytes(shape: tuple[int, int, int], num_classes: int, max_ima
     return max(npz, evaluate) + ENVELOPE_BYTES
 
 
+def read() -> Settings:
+    """The settings in the environment now (`python -m service.cli serve` checks them before BentoML starts)."""
+    return Settings.from_env(os.environ)
+
+
 @functools.cache
 def get() -> Settings:
     """The process's settings, read from the environment on first use."""
-    return Settings.from_env(os.environ)
+    return read()
 
 
 def describe() -> str:

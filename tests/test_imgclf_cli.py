@@ -51,6 +51,13 @@ def test_dispatch_passes_flags_and_exit_codes_through(tmp_path, capsys):
 
 
 def test_serve_with_a_bad_port_is_one_line(monkeypatch, capsys):
+    from service import settings
+
+    def execve(*args):  # a regression must fail here, not replace the test process with `bentoml serve`
+        raise AssertionError(f"bentoml would have started: {args[1]}")
+
+    monkeypatch.setattr(os, "execve", execve)
+    settings.get()  # settings read (and cached) before the variable changes, as any earlier import does
     monkeypatch.setenv("PORT", "http")
     assert main(["serve"]) == 2
     assert capsys.readouterr().err == "error: PORT must be a port number 1..65535, got 'http'\n"

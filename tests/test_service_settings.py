@@ -68,12 +68,13 @@ def test_every_bad_variable_is_named_at_once():
 def test_the_cli_refuses_a_bad_setting_before_bentoml_starts(monkeypatch, capsys):
     from service import cli
 
+    def execve(*args):  # a regression must fail here, not replace the test process with `bentoml serve`
+        raise AssertionError(f"bentoml would have started: {args[1]}")
+
+    monkeypatch.setattr(cli.os, "execve", execve)
+    settings.get()  # cached before the variable changes: the CLI must read the environment as it is now
     monkeypatch.setenv("MAX_CONCURRENCY", "0")
-    settings.get.cache_clear()
-    try:
-        code = cli.main(["serve"])  # returns: execve would have replaced this process
-    finally:
-        settings.get.cache_clear()
+    code = cli.main(["serve"])
     assert (code, capsys.readouterr().err) == (2, "error: MAX_CONCURRENCY must be a whole number >= 1, got '0'\n")
 
 
