@@ -131,7 +131,7 @@ class Guard:
         self.app = app
         config = settings.get()
         self.max_body_bytes = config.max_body_bytes  # until a model is loaded: the limits for 28x28 images
-        self.max_json_body_bytes = config.body_limit((1, 28, 28), 10, json_only=True)
+        self.max_json_body_bytes = config.max_json_body_bytes
         self.body_timeouts = (config.body_timeout_s, config.body_deadline_s)
         self.admission = admission.for_this_worker(config.max_concurrency, config.heavy_concurrency)
 

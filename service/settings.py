@@ -127,7 +127,12 @@ class Settings:
     @property
     def max_body_bytes(self) -> int:
         """The body limit before a model is loaded: MAX_BODY_MB, or the largest legal request of 28x28 images."""
-        return self.body_limit((1, 28, 28), 10)
+        return self.body_limit(*_BEFORE_A_MODEL)
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        """The same for the JSON routes (/predict, /evaluate, v2 infer): their largest legal body."""
+        return self.body_limit(*_BEFORE_A_MODEL, json_only=True)
 
     def body_limit(self, shape: tuple[int, int, int], num_classes: int, json_only: bool = False) -> int:
         """The body limit for a model of input `shape` (C, H, W): MAX_BODY_MB, or else the largest legal request
@@ -153,6 +158,7 @@ class Settings:
         return cls(**values)
 
 
+_BEFORE_A_MODEL = ((1, 28, 28), 10)  # input shape and class count the limits assume until a model is loaded
 ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and part headers, zip and .npy headers: well under this
 
 
@@ -213,7 +219,7 @@ def limits_in_force(settings: Settings, service: str) -> dict:
     own = traffic.get("max_concurrency")
     return {"max_images": settings.max_images, "max_npz_images": settings.max_npz_images,
             "max_body_bytes": settings.max_body_bytes,
-            "max_json_body_bytes": settings.body_limit((1, 28, 28), 10, json_only=True),
+            "max_json_body_bytes": settings.max_json_body_bytes,
             "max_concurrency": settings.max_concurrency,
             "heavy_concurrency_per_worker": settings.heavy_concurrency,
             "bentoml_max_concurrency_per_worker": math.ceil(own / max(workers, 1)) if own else None,
