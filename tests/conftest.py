@@ -62,6 +62,27 @@ def lenet_env(lenet_version) -> dict:
 
 
 @pytest.fixture(scope="session")
+def rollout_registry(lenet_version, tmp_path_factory):
+    """A registry of two real LeNet versions, both evaluated on all 10,000 test images (so both carry
+    stored test predictions and compare): the champion is the session LeNet, the challenger a weaker one
+    (1 epoch on 6,000 images, seed 1). Returns (root, name, champion, challenger). Read-only for tests:
+    a test that moves an alias copies the folder first."""
+    import shutil
+
+    from core import registry
+    from training.pipeline import train
+
+    src_root, name, champion, _ = lenet_version
+    root = tmp_path_factory.mktemp("rollout-artifacts")
+    shutil.copytree(Path(src_root) / name / champion, root / name / champion)
+    cfg = make_config(model="lenet", epochs=1, limit_train=6000, seed=1, artifacts_dir=str(root))
+    challenger = train(cfg, log=lambda *_: None).name
+    registry.promote(root, name, champion)
+    registry.promote(root, name, challenger, alias=registry.CHALLENGER)
+    return root, name, champion, challenger
+
+
+@pytest.fixture(scope="session")
 def lenet_server(lenet_version):
     """One real server of the LeNet version for the HTTP contract tests (1 worker)."""
     with Server(lenet_env(lenet_version)) as server:
