@@ -8,6 +8,8 @@ and B the challenger, so on the same images the two answers agree figure for fig
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -28,8 +30,21 @@ def parse_compare(value, form: bool = False) -> bool:
     if form and type(value) is int and value in (0, 1):
         return bool(value)
     allowed = '"true", "false", "1" or "0"' if form else "true or false (a JSON boolean)"
-    shown = f"{value!r} (JSON-decoded)" if form else repr(value)
+    shown = repr(_form_text(value) if form else value)
     raise InputError(f"compare must be {allowed}, got {shown}", "compare")
+
+
+def _form_text(value) -> str:
+    """A form value as the client sent it, from what BentoML made of it (JSON-decoded when it could be)."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value  # it was not JSON, so it arrived as sent
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return repr(value)
 
 
 def challenger_for(champion: Classifier, challenger: Classifier | None) -> Classifier:

@@ -92,6 +92,11 @@ def test_parse_compare_takes_a_json_boolean_and_the_form_values_true_false_1_0()
         with pytest.raises(InputError, match='compare must be "true", "false", "1" or "0"') as e:
             parse_compare(bad, form=True)
         assert (e.value.status, e.value.reason) == (400, "compare")
+    # the refusal quotes the form value as it was sent: a quoted "true" arrives decoded to the string true
+    for decoded, sent in (("true", '"true"'), (2, "2"), (None, "null"), ("yes", "yes")):
+        with pytest.raises(InputError) as e:
+            parse_compare(decoded, form=True)
+        assert str(e.value).endswith(f"got {sent!r}"), e.value
 
 
 def test_compare_needs_a_loaded_challenger_with_the_same_classes():
