@@ -4,6 +4,7 @@ on two real LeNet versions, against the CLI compare and the versions' stored tes
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import subprocess
@@ -218,3 +219,11 @@ def test_compare_false_is_the_plain_answer_and_bad_values_or_no_challenger_are_r
         assert (status, got["reason"]) == (400, "compare") and "compare must be true or false" in got["error"]
     status, got = answer(service(champion, None).evaluate(images=images, labels=labels, compare=True))
     assert (status, got["reason"], got["error"]) == (409, "no_challenger", NO_CHALLENGER)
+
+
+def test_the_evaluate_endpoints_stay_synchronous():
+    """BentoML runs a synchronous API on a thread of its pool: the two passes of a paired evaluation never
+    hold the event loop (an `async def` endpoint would run them on it)."""
+    svc = service(*[SimpleNamespace()] * 2)
+    for endpoint in (svc.evaluate, svc.evaluate_npz):
+        assert not inspect.iscoroutinefunction(endpoint) and not inspect.iscoroutinefunction(endpoint.__wrapped__)
