@@ -135,3 +135,27 @@ def paired_difference_interval(n: int, a_only: int, b_only: int, z: float = 1.95
     centre = (b - a) / m
     half = z * math.sqrt(max((a + b) - (b - a) ** 2 / m, 0.0)) / m
     return (max(-1.0, centre - half), min(1.0, centre + half))
+
+
+def paired_comparison(correct_a, correct_b, alpha: float = 0.05) -> dict:
+    """The paired figures of classifiers A and B on the same n images, from each one's per-image correctness.
+
+    `correct_a`, `correct_b`: (n,) booleans (a tensor, array or list), element i telling whether A (B) got
+    image i right. The one place this arithmetic lives: the registry's compare (offline, the stored test
+    predictions) and the service's paired /evaluate (live, one batch) both call it. Returns n, each one's
+    correct count, the discordant counts (a_right_b_wrong, a_wrong_b_right), the exact McNemar p-value,
+    diff = accuracy(B) - accuracy(A) with its paired 95% interval, and the verdict at `alpha`:
+    "B better" or "A better" when p < alpha, else "no significant difference".
+    """
+    right_a = torch.as_tensor(correct_a, dtype=torch.bool).reshape(-1)
+    right_b = torch.as_tensor(correct_b, dtype=torch.bool).reshape(-1)
+    if right_a.shape != right_b.shape:
+        raise ValueError(f"paired figures need the same images: {right_a.numel()} vs {right_b.numel()} results")
+    n = int(right_a.numel())
+    a_only, b_only = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    a_correct, b_correct = int(right_a.sum()), int(right_b.sum())
+    p = mcnemar_exact(a_only, b_only)
+    verdict = "no significant difference" if p >= alpha else ("B better" if b_correct > a_correct else "A better")
+    return {"n": n, "a_correct": a_correct, "b_correct": b_correct, "a_right_b_wrong": a_only,
+            "a_wrong_b_right": b_only, "mcnemar_p": p, "diff": (b_correct - a_correct) / n if n else 0.0,
+            "diff_ci95": paired_difference_interval(n, a_only, b_only), "verdict": verdict}

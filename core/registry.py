@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save
 from core import artifacts
 from core.artifacts import ArtifactError, IntegrityError
 from core.manifest import Manifest
-from core.metrics import confusion_matrix, mcnemar_exact, paired_difference_interval
+from core.metrics import confusion_matrix, paired_comparison
 from core.models import forward_logits, preprocess
 
 CHAMPION = "champion"
@@ -346,16 +346,8 @@ def compare(root: str | Path, name: str, a: str, b: str, test_set: TestSet | Non
     if not torch.equal(pa.labels, pb.labels):
         raise NotComparable(f"{name}/{a} and {name}/{b} carry different labels for the same {ma.dataset.name} "
                             f"test images ({int((pa.labels != pb.labels).sum())} differ): not the same test set")
-    right_a, right_b = pa.predictions == pa.labels, pb.predictions == pb.labels
-    n = int(pa.labels.numel())
-    a_only, b_only = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
-    p = mcnemar_exact(a_only, b_only)
-    a_correct, b_correct = int(right_a.sum()), int(right_b.sum())
-    verdict = "no significant difference" if p >= alpha else ("B better" if b_correct > a_correct else "A better")
-    return Comparison(name=name, a=a, b=b, dataset=ma.dataset.name, n=n, a_correct=a_correct, b_correct=b_correct,
-                      a_right_b_wrong=a_only, a_wrong_b_right=b_only, mcnemar_p=p,
-                      diff=(b_correct - a_correct) / n if n else 0.0,
-                      diff_ci95=paired_difference_interval(n, a_only, b_only), verdict=verdict, alpha=alpha,
+    figures = paired_comparison(pa.predictions == pa.labels, pb.predictions == pb.labels, alpha)
+    return Comparison(name=name, a=a, b=b, dataset=ma.dataset.name, **figures, alpha=alpha,
                       predictions={"a": pa.source, "b": pb.source},
                       notes=tuple(x.note for x in (pa, pb) if x.note))
 

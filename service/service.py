@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from core import artifacts
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
-from service import metric_paths, metrics, placement, recovery, settings, store, v2
+from service import metric_paths, metrics, paired, placement, recovery, settings, store, v2
 from service.guard import STATE, FastRoute, Guard
 from service.inference import (
     DEFAULT_TOP_K,
@@ -101,6 +101,28 @@ class EvaluateAnswer(BaseModel):
     consistency_test: ConsistencyTest
 
 
+class PairedComparison(BaseModel):
+    """The paired figures of champion (a) and challenger (b) on the batch: `python -m training compare`'s."""
+    a: str
+    b: str
+    n: int
+    a_correct: int
+    b_correct: int
+    a_right_b_wrong: int
+    a_wrong_b_right: int
+    mcnemar_p: float
+    diff: float
+    diff_ci95: list[float]
+    verdict: str
+    alpha: float
+
+
+class PairedEvaluateAnswer(EvaluateAnswer):
+    """With `compare`: the champion's evaluation, the challenger's, and the paired comparison."""
+    challenger: EvaluateAnswer | None = None
+    comparison: PairedComparison | None = None
+
+
 class ModelInfo(BaseModel):
     """The served version, its blocks typed by the manifest's own records (core/manifest.py)."""
     name: str
@@ -125,6 +147,10 @@ Labels = Annotated[list[Any], Field(description="one integer class index per ima
 # passed on as sent: parse_top_k checks it, the same on BentoML's route and on the guard's fast path
 TopK = Annotated[Any, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_TOP_K,
                                       "description": "how many of the most likely classes each answer lists"})]
+# passed on as sent: paired.parse_compare checks it (a JSON boolean; "true", "false", "1", "0" in a form)
+Compare = Annotated[Any, WithJsonSchema({"type": "boolean", "default": False,
+                                         "description": "also evaluate the challenger on the same images and add "
+                                                        "`challenger` and the paired `comparison`"})]
 
 
 def unready_answer() -> JSONResponse:
@@ -328,15 +354,22 @@ class ImageClassifier:
         x = np.frombuffer(bytearray(payload), np.uint8).reshape(header["shape"])
         return await self._predict(model, PREDICT, x, header["top_k"])
 
-    def _evaluate(self, model: Classifier, route: Route, x: np.ndarray, y: np.ndarray) -> JSONResponse:
+    def _challenger(self, model: Classifier, compare: bool) -> Classifier | None:
+        """The challenger a `compare` request pairs with the champion (taken once, like the champion), or None."""
+        return paired.challenger_for(model, getattr(self, "challenger", None)) if compare else None
+
+    def _evaluate(self, model: Classifier, route: Route, x: np.ndarray, y: np.ndarray,
+                  challenger: Classifier | None = None) -> JSONResponse:
         t = time.perf_counter()
-        answer = model.evaluate(x, y)
+        answer = model.evaluate(x, y) if challenger is None else paired.paired_evaluation(model, challenger, x, y)
         m = self.metrics
         m.latency.labels(route.path, model.version).observe(time.perf_counter() - t)
         m.batch_size.labels(route.path).observe(len(x))
-        m.evaluated.labels(model.version).inc(answer["n"])
-        m.evaluated_correct.labels(model.version).inc(metrics.correct_of(answer["confusion_matrix"]))
-        m.evaluation_accuracy.labels(model.version).set(answer["accuracy"])
+        for block in (answer,) if challenger is None else (answer, answer["challenger"]):  # each under its version
+            version = block["model_version"]
+            m.evaluated.labels(version).inc(block["n"])
+            m.evaluated_correct.labels(version).inc(metrics.correct_of(block["confusion_matrix"]))
+            m.evaluation_accuracy.labels(version).set(block["accuracy"])
         return JSONResponse(answer)
 
     # --- endpoints (the guard's fast path calls `predict` directly with what BentoML's input model accepted)
@@ -358,20 +391,25 @@ class ImageClassifier:
 
     @bentoml.api(route=EVALUATE.path)
     @with_model
-    def evaluate(self, model: Classifier, images: Images, labels: Labels) -> EvaluateAnswer:
-        """Accuracy, confusion matrix and per-class figures of labelled images, beside the offline test accuracy."""
+    def evaluate(self, model: Classifier, images: Images, labels: Labels,
+                 compare: Compare = False) -> PairedEvaluateAnswer:
+        """Accuracy, confusion matrix and per-class figures of labelled images, beside the offline test accuracy;
+        with `compare`, the challenger's too and their paired comparison."""
+        challenger = self._challenger(model, paired.parse_compare(compare))
         x = parse_images(images, model.spec)
         y = parse_labels(labels, len(x), len(model.classes))
-        return self._evaluate(model, EVALUATE, x, y)
+        return self._evaluate(model, EVALUATE, x, y, challenger)
 
     @bentoml.api(route=EVALUATE_NPZ.path)
     @with_model
     def evaluate_npz(self, model: Classifier,
                      file: Annotated[Path, Field(description=".npz with uint8 `images` (N, H, W) and integer "
-                                                             "`labels` (N,)")]) -> EvaluateAnswer:
+                                                             "`labels` (N,)")],
+                     compare: Compare = False) -> PairedEvaluateAnswer:
         """The same as /evaluate for large batches: one .npz upload (multipart field `file`), never unpickled."""
+        challenger = self._challenger(model, paired.parse_compare(compare, form=True))
         x, y = parse_npz(file.read_bytes(), model.spec, len(model.classes))
-        return self._evaluate(model, EVALUATE_NPZ, x, y)
+        return self._evaluate(model, EVALUATE_NPZ, x, y, challenger)
 
     @bentoml.api(route=MODEL_INFO.path)
     @with_model
