@@ -51,8 +51,8 @@ def choose(champion: Classifier, challenger: Classifier | None, percent: float,
            shadow: bool) -> tuple[Classifier, Classifier | None]:
     """(the model that answers this request, the model that shadows the answer or None). A pinned request
     gets the version it names (409 if not loaded), otherwise `percent` % of requests go to the challenger."""
-    if challenger is not None and (challenger.spec != champion.spec or challenger.classes != champion.classes):
-        challenger = None  # never answer with a model of another input or class list (both checked at load too)
+    if challenger is not None and not compatible(challenger, champion):
+        challenger = None  # never answer with a model of another input or class list (checked at load too)
     pinned = PINNED.get()
     if pinned is not None:
         for model in (champion, challenger):
@@ -67,6 +67,12 @@ def choose(champion: Classifier, challenger: Classifier | None, percent: float,
     if percent > 0 and random.random() * 100 < percent:
         return challenger, None
     return champion, challenger if shadow else None
+
+
+def compatible(a: Classifier, b: Classifier) -> bool:
+    """Whether `a` can answer what was parsed for `b`: the same input shape and classes (each version
+    normalises the uint8 pixels with its own mean and std)."""
+    return a.spec.shape == b.spec.shape and a.classes == b.classes
 
 
 # --- where a slot's version comes from, and loading one ------------------------------------------
@@ -102,9 +108,10 @@ def load_version(root: str, name: str, version: str, device: torch.device, backe
     """Load, verify and warm up one version (artifacts.load checks every hash). `like`: the champion whose
     input and classes it must share to be served beside it."""
     model = Classifier(artifacts.load(root, name, version, device=device), device, backend)
-    if like is not None and (model.spec != like.spec or model.classes != like.classes):
-        raise ValueError(f"{name}/{version} takes other inputs or classes than the champion {like.version}: "
-                         "it cannot answer the champion's requests")
+    if like is not None and not compatible(model, like):
+        raise ValueError(f"{name}/{version} takes inputs of shape {model.spec.shape} with classes {model.classes}, "
+                         f"the champion {like.version} {like.spec.shape} with {like.classes}: it cannot answer the "
+                         "champion's requests")
     model.warm_up()
     return model
 
