@@ -284,7 +284,8 @@ class ImageClassifier:
         try:
             version = source.version()
         except (artifacts.ArtifactError, OSError) as e:
-            version, self.challenger_error = None, f"CHALLENGER {source.setting!r} cannot be read: {e}"
+            version, self.challenger_error = None, f"CHALLENGER {source.setting!r} cannot be read: " + ": ".join(
+                recovery.client_reason(e, root))
         if version is None:
             self.challenger_error = self.challenger_error or source.unset_error()
         else:
