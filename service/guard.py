@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-from service import admission, limits, metrics, offload, openapi, settings, v2
+from service import admission, limits, metrics, offload, openapi, rollout, settings, v2
 from service.inference import InputError
 from service.routes import FILE, JSON, ROUTES, Route
 
@@ -142,6 +142,7 @@ class Guard:
         if route.also_get and scope["method"] == "GET":  # read with an empty body, as the POST
             scope = {**scope, "method": "POST", "headers": [h for h in scope["headers"] if h[0] != b"content-type"]}
         fast = STATE.fast.get(route.path) if scope["method"] == "POST" else None
+        rollout.pin(scope["headers"])  # x-model-version, read by the endpoints (service/rollout.py)
         try:  # the whole body first, with its timeouts: a slow one holds no place in the concurrency limits
             body = await self._checked_body(route, scope, receive)
             self.admission.enter(route.path)

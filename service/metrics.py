@@ -37,6 +37,8 @@ class Metrics:
     model_info: Gauge
     rejected: Counter
     abandoned: Counter
+    shadow_agreement: Counter
+    shadow_dropped: Counter
 
 
 _metrics: Metrics | None = None
@@ -72,6 +74,11 @@ def get() -> Metrics:
                              ["endpoint", "reason"]),
             abandoned=Counter("imgclf_abandoned_requests", "Requests whose client went away before the answer "
                               "(not computed, or dropped from the model's queue)", ["endpoint"]),
+            shadow_agreement=Counter("imgclf_shadow_agreement", "Images the challenger classified in the shadow of "
+                                     "the champion's answer, by whether their argmax classes agree",
+                                     ["champion", "challenger", "agree"]),
+            shadow_dropped=Counter("imgclf_shadow_dropped", "Images not shadowed: too many shadow passes were "
+                                   "pending (service/rollout.py), or the challenger's pass failed"),
         )
     return _metrics
 
@@ -88,6 +95,12 @@ def record_offline(version: str, classes: list[str], offline: OfflineMetrics) ->
         m.predictions.labels(version, name)
     m.evaluated.labels(version)
     m.evaluated_correct.labels(version)
+
+
+def record_pair(champion: str, challenger: str) -> None:
+    """A champion and a challenger served together: their shadow agreement series, created at 0."""
+    for agree in ("true", "false"):
+        get().shadow_agreement.labels(champion, challenger, agree)
 
 
 def correct_of(confusion_matrix: list[list[int]]) -> int:

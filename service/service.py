@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from core import artifacts
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
-from service import metric_paths, metrics, paired, placement, recovery, settings, store, v2
+from service import metric_paths, metrics, paired, placement, recovery, rollout, settings, store, v2
 from service.guard import STATE, FastRoute, Guard
 from service.inference import (
     DEFAULT_TOP_K,
@@ -210,6 +210,10 @@ class ImageClassifier:
         STATE.reset()
         self.limits = settings.limits_in_force(SETTINGS, NAME)  # BentoML's configuration is loaded by now
         self.model: Classifier | None = None
+        self.challenger: Classifier | None = None  # served beside the champion (service/rollout.py)
+        self.challenger_error: str | None = None  # why the challenger asked for is not served
+        self.challenger_source: rollout.ChallengerSource | None = None  # CHALLENGER resolved, once a model loads
+        self.shadow = rollout.Shadow()
         self.metrics = metrics.get()
         if not self._load():
             # /livez stays 200 (the process is sound; a restart would find the same files), /readyz answers 503
@@ -253,6 +257,7 @@ class ImageClassifier:
                                               self._parse_predict_body, self._predict_parsed)}
         # the Open Inference Protocol v2 routes (service/v2.py): the current model and /predict's batching
         v2.SERVED = v2.Served(lambda: self.model, lambda m, x: m.batcher.probabilities(x))
+        self._start_challenger(root, name, SETTINGS.reload_poll_s)  # before ready: a ready service serves both
         STATE.ready = True
         log.info("serving %s/%s on %s with %s (%s)", name, self.model.version, device, self.model.backend,
                  self.model.backend_reason)
@@ -269,42 +274,78 @@ class ImageClassifier:
         trigger (it renames the PROMOTED file atomically); there is no HTTP route for it. The new
         version is verified and warmed up beside the old one, then swapped in with one assignment:
         requests in flight finish on the model they started with (and on its own batcher, which goes
-        with it). A version that fails to load is logged and skipped, the old one keeps serving; it is
-        tried again as soon as its files or the PROMOTED file change (a repair, a new promote), and
-        otherwise after a backoff that doubles up to 5 minutes."""
-        refused, retry_at, delays = None, 0.0, recovery.backoff(every, 300)
-        while True:
-            time.sleep(every)
+        with it). A version that fails to load is logged and skipped, the old one keeps serving
+        (rollout.watch: retried when its files change, else after a backoff)."""
+        rollout.watch(root, name, every, target=lambda: artifacts.promoted(root, name) or self.model.version,
+                      current=lambda: self.model, load=lambda v: rollout.load_version(
+                          root, name, v, self.model.device, SETTINGS.backend),
+                      swap=functools.partial(self._serve_champion, name),
+                      refused=functools.partial(self._champion_refused, root, name))
+
+    def _serve_champion(self, name: str, new: Classifier) -> None:
+        self._size_bodies(new)
+        old, self.model = self.model, new
+        STATE.reload_error = None
+        self._announce(name, new, old)
+        if self.challenger is not None:
+            metrics.record_pair(new.version, self.challenger.version)
+        gc.collect()
+        gc.freeze()
+        log.info("reloaded: now serving %s/%s (was %s)", name, new.version, old.version)
+
+    def _champion_refused(self, root: str, name: str, target: str, e: BaseException) -> None:
+        reason, message = recovery.client_reason(e, root)
+        STATE.reload_error = (f"promoted version {name}/{target} refused ({reason}: {message}); "
+                              f"still serving {self.model.version}")
+        log.error("RELOAD FAILED: promoted version %s/%s refused, still serving %s: %s",
+                  name, target, self.model.version, e)
+
+    # --- the challenger (service/rollout.py) -----------------------------------------------
+
+    def _start_challenger(self, root: str, name: str, every: float) -> None:
+        """Load CHALLENGER beside the champion, then follow its alias (a pinned version never changes)."""
+        self.challenger_source = source = rollout.ChallengerSource(
+            str(root), name, SETTINGS.challenger, SETTINGS.challenger == settings.Settings.challenger)
+        load = functools.partial(self._load_challenger, root, name)
+        try:
+            version = source.version()
+        except (artifacts.ArtifactError, OSError) as e:
+            version, self.challenger_error = None, f"CHALLENGER {source.setting!r} cannot be read: " + ": ".join(
+                recovery.client_reason(e, root))
+        if version is None:
+            self.challenger_error = self.challenger_error or source.unset_error()
+        else:
             try:
-                target = artifacts.promoted(root, name)
-            except (artifacts.ArtifactError, OSError):
-                continue
-            if target is None or target == self.model.version:
-                continue
-            attempt = (target, recovery.files_state(root, name, target))
-            if attempt == refused and time.monotonic() < retry_at:
-                continue
-            try:
-                new = Classifier(artifacts.load(root, name, target, device=self.model.device), self.model.device,
-                                 SETTINGS.backend)
-                new.warm_up()
-            except Exception as e:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
-                if attempt != refused:
-                    delays = recovery.backoff(every, 300)
-                refused, retry_at = attempt, time.monotonic() + next(delays)
-                reason, message = recovery.client_reason(e, root)
-                STATE.reload_error = (f"promoted version {name}/{target} refused ({reason}: {message}); "
-                                      f"still serving {self.model.version}")
-                log.error("RELOAD FAILED: promoted version %s/%s refused, still serving %s: %s",
-                          name, target, self.model.version, e)
-                continue
-            self._size_bodies(new)
-            old, self.model = self.model, new
-            refused, STATE.reload_error = None, None
+                self._serve_challenger(name, load(version))
+            except Exception as e:  # noqa: BLE001 - a challenger that fails never serves; the champion does
+                self._challenger_refused(root, name, version, e)
+        if every > 0 and source.setting is not None and not source.pinned:
+            threading.Thread(target=rollout.watch, daemon=True, name="imgclf-reload-challenger",
+                             args=(root, name, every, source.version, lambda: self.challenger, load,
+                                   functools.partial(self._serve_challenger, name),
+                                   functools.partial(self._challenger_refused, root, name))).start()
+
+    def _load_challenger(self, root: str, name: str, version: str) -> Classifier:
+        return rollout.load_version(root, name, version, self.model.device, SETTINGS.backend, like=self.model)
+
+    def _serve_challenger(self, name: str, new: Classifier | None) -> None:
+        old, self.challenger, self.challenger_error = self.challenger, new, None
+        if new is not None:
             self._announce(name, new, old)
-            gc.collect()
-            gc.freeze()
-            log.info("reloaded: now serving %s/%s (was %s)", name, new.version, old.version)
+            metrics.record_pair(self.model.version, new.version)
+        elif old is not None:
+            if old.version != self.model.version:
+                self.metrics.model_info.labels(name, old.version).set(0)
+            self.challenger_error = self.challenger_source.unset_error()
+        gc.collect()
+        gc.freeze()
+        log.info("challenger: now %s/%s (was %s)", name, new.version if new else None, old.version if old else None)
+
+    def _challenger_refused(self, root: str, name: str, version: str, e: BaseException) -> None:
+        reason, message = recovery.client_reason(e, root)
+        served = self.challenger.version if self.challenger else None
+        self.challenger_error = f"challenger version {name}/{version} refused ({reason}: {message}); serving {served}"
+        log.error("CHALLENGER REFUSED: %s/%s refused, challenger served: %s: %s", name, version, served, e)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -321,10 +362,13 @@ class ImageClassifier:
         self.metrics.offline_accuracy.labels(model.version).set(model.loaded.manifest.metrics.test_accuracy)
         self.metrics.model_info.labels(name, model.version).set(1)
         metrics.record_offline(model.version, model.classes, model.loaded.manifest.metrics)
-        if old is not None:
+        served = {m.version for m in (self.model, self.challenger) if m is not None}
+        if old is not None and old.version not in served:
             self.metrics.model_info.labels(name, old.version).set(0)
 
     async def _predict(self, model: Classifier, route: Route, x: np.ndarray, top_k: int) -> JSONResponse:
+        # the champion, the challenger for a canary share, or the version the request pins (service/rollout.py)
+        model, shadow = rollout.choose(model, self.challenger, SETTINGS.canary_percent, SETTINGS.shadow)
         t = time.perf_counter()
         preds = model.answers(await model.batcher.probabilities(x), top_k)
         m = self.metrics
@@ -332,6 +376,8 @@ class ImageClassifier:
         m.batch_size.labels(route.path).observe(len(x))
         for p in preds:
             m.predictions.labels(model.version, p["class_name"]).inc()
+        if shadow is not None:
+            self.shadow.submit(model.version, [p["label"] for p in preds], shadow, x)
         return JSONResponse({"model_version": model.version, "predictions": preds})
 
     def _parse_predict_body(self, body: bytes) -> tuple[dict, bytes]:
@@ -356,7 +402,7 @@ class ImageClassifier:
 
     def _challenger(self, model: Classifier, compare: bool) -> Classifier | None:
         """The challenger a `compare` request pairs with the champion (taken once, like the champion), or None."""
-        return paired.challenger_for(model, getattr(self, "challenger", None)) if compare else None
+        return paired.challenger_for(model, self.challenger) if compare else None
 
     def _evaluate(self, model: Classifier, route: Route, x: np.ndarray, y: np.ndarray,
                   challenger: Classifier | None = None) -> JSONResponse:
@@ -423,7 +469,9 @@ class ImageClassifier:
                          limits=self.limits)
         # reload_error: null, or why the last promoted version was refused (beside the typed answer: BentoML's
         # OpenAPI conversion would document an optional string as a plain string)
-        return JSONResponse(info.model_dump(mode="json") | {"reload_error": STATE.reload_error})
+        return JSONResponse(info.model_dump(mode="json") | {
+            "reload_error": STATE.reload_error, "canary_percent": SETTINGS.canary_percent, "shadow": SETTINGS.shadow,
+            "challenger": rollout.info(self.challenger_source, self.challenger, self.challenger_error)})
 
 
 assert {api.route for api in ImageClassifier.apis.values()} == set(ROUTES), "service/routes.py lists every API"

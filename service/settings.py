@@ -78,6 +78,17 @@ def _flag(raw: str) -> bool:
     return raw == "1"
 
 
+def _challenger(raw: str) -> str | None:
+    if raw in ("", "none"):
+        return None  # no challenger
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", raw):
+        raise ValueError("an alias or a version of MODEL_NAME (letters, digits, '.', '_', '-'), or '' / none")
+    return raw
+
+
+_percent = _number(float, "a number 0..100 (0: off)", lambda v: math.isfinite(v) and 0 <= v <= 100)
+
+
 def _var(env: str, default, meaning: str, parse: Callable[[str], object]):
     return field(default=default, metadata={"env": env, "meaning": meaning, "parse": parse})
 
@@ -123,6 +134,13 @@ class Settings:
                          "request)", _flag)
     port: int = _var("PORT", 3000, "HTTP port of `python -m service.cli serve`", _port)
     host: str = _var("HOST", "0.0.0.0", "address `python -m service.cli serve` listens on", _text)
+    challenger: str | None = _var("CHALLENGER", "challenger", "a version (pinned) or an alias (followed like the "
+                                  "champion) of MODEL_NAME served beside the champion; the default: the challenger "
+                                  "alias when it is set; '' or none: no challenger (service/rollout.py)", _challenger)
+    canary_percent: float = _var("CANARY_PERCENT", 0, "percent of /predict and /predict_image requests the "
+                                 "challenger answers, drawn per request (0..100)", _percent)
+    shadow: bool = _var("SHADOW", False, "1: the challenger also classifies the images of the champion's /predict "
+                        "and /predict_image answers, off the response path (imgclf_shadow_agreement_total)", _flag)
 
     @property
     def max_body_bytes(self) -> int:

@@ -154,6 +154,11 @@ def test_the_service_monitor_scrapes_the_service_port_and_path():
     assert endpoint["interval"] == scrape["global"]["scrape_interval"]
 
 
+# series that exist only while a challenger is served beside the champion (service/rollout.py): a server
+# without one cannot show them; tests/test_rollout_service.py checks them on a server with one
+WITH_A_CHALLENGER = {"imgclf_shadow_agreement_total"}
+
+
 def metric_names_used() -> set[str]:
     """Every metric the dashboard and the alert rules name, histogram suffixes stripped (not the recording
     rules' names, level:metric:operation, which Prometheus makes from these)."""
@@ -168,7 +173,8 @@ def test_dashboard_is_grafana_json():
     d = json.loads((DEPLOY / "grafana" / "imgclf-dashboard.json").read_text())
     assert d["panels"] and all(p["targets"] for p in d["panels"])
     assert {"imgclf_evaluated_correct_total", "imgclf_expected_prediction_share", "imgclf_forward_batch_size",
-            "imgclf_inference_latency_seconds"} <= metric_names_used()
+            "imgclf_inference_latency_seconds", "imgclf_shadow_dropped_total",
+            *WITH_A_CHALLENGER} <= metric_names_used()
 
 
 def test_every_recorded_series_the_dashboard_and_alerts_read_is_a_rule_of_alerts_yml():

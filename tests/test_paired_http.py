@@ -81,9 +81,6 @@ def test_paired_evaluate_with_a_challenger_loaded_equals_the_cli_compare(rollout
     env = {"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": champion, "CHALLENGER": challenger}
     with Server(env) as s:
         info = httpx.get(s.url + "/model_info", timeout=10).json()
-        if not isinstance(info.get("challenger"), dict):
-            pytest.skip("the server loads no challenger yet (no `challenger` block in /model_info: the CHALLENGER "
-                        "loading is not merged); remove this skip once it is")
         assert info["challenger"]["model_version"] == challenger
         r = npz_post(s, x, y, "true")
         assert r.status_code == 200, r.text
