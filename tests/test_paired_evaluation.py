@@ -127,7 +127,7 @@ def official_test(fashion):
 
 def service(champion: Classifier, challenger: Classifier | None):
     """The service object with its endpoint logic and metrics, without BentoML's server or __init__'s loading;
-    `challenger` is the attribute the champion/challenger loading sets (None or absent: none loaded)."""
+    `challenger` is the attribute the champion/challenger loading sets (None: none loaded)."""
     from service import metrics
 
     with warnings.catch_warnings():  # pathspec's deprecation, raised while BentoML's SDK is imported
@@ -135,9 +135,7 @@ def service(champion: Classifier, challenger: Classifier | None):
         from service.service import ImageClassifier
 
     svc = ImageClassifier.inner.__new__(ImageClassifier.inner)
-    svc.model, svc.metrics = champion, metrics.get()
-    if challenger is not None:
-        svc.challenger = challenger
+    svc.model, svc.challenger, svc.metrics = champion, challenger, metrics.get()
     return svc
 
 
