@@ -473,7 +473,7 @@ class Batcher:
                 if not take:
                     continue
                 x = take[0][0] if len(take) == 1 else np.concatenate([images for images, _ in take])
-                prom.get().forward_batch_size.labels(self.classifier.version).observe(len(x))
+                prom.child(prom.get().forward_batch_size, self.classifier.version).observe(len(x))
                 try:
                     if len(x) <= self.inline_max:
                         probs = self.classifier.probabilities(x)

@@ -301,11 +301,11 @@ class ImageClassifier:
     async def _predict(self, model: Classifier, route: Route, x: np.ndarray, top_k: int) -> JSONResponse:
         t = time.perf_counter()
         preds = model.answers(await model.batcher.probabilities(x), top_k)
-        m = self.metrics
-        m.latency.labels(route.path, model.version).observe(time.perf_counter() - t)
-        m.batch_size.labels(route.path).observe(len(x))
+        m, child = self.metrics, metrics.child
+        child(m.latency, route.path, model.version).observe(time.perf_counter() - t)
+        child(m.batch_size, route.path).observe(len(x))
         for p in preds:
-            m.predictions.labels(model.version, p["class_name"]).inc()
+            child(m.predictions, model.version, p["class_name"]).inc()
         return JSONResponse({"model_version": model.version, "predictions": preds})
 
     def _parse_predict_body(self, body: bytes) -> tuple[dict, bytes]:
