@@ -4,7 +4,8 @@ validation answers), the real reason on /readyz while no model is served (503), 
 /predict, and the Open Inference Protocol v2 routes under /v2 (service/v2.py: BentoML routes take no
 path parameters). Every refused request (4xx) is counted and logged as one WARNING line.
 
-It runs inside BentoML's own middlewares (metrics, timeout), so their figures include what it refuses.
+It runs inside BentoML's own middlewares (metrics, timeout), so their figures include what it refuses; a
+POST /predict reaches it from outside them (service/front.py), which counts the same metrics and time-out.
 It also admits each API request, once its body has arrived, under MAX_CONCURRENCY (counted over all
 workers) and HEAVY_CONCURRENCY (service/admission.py).
 """

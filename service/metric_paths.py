@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from bentoml._internal.server.http import instruments
 
+from service import front
 from service.routes import ROUTES
 
 OTHER = "(other)"
@@ -36,12 +37,24 @@ def _with_real_path(app):
 
 
 class BoundedPathMetrics(instruments.RunnerTrafficMetricsMiddleware):
-    """BentoML's metrics middleware, shown the path's label in place of the raw path."""
+    """BentoML's metrics middleware, shown the path's label in place of the raw path; a POST /predict goes
+    through the front door (service/front.py) when the layers inside allow it."""
 
     def __init__(self, app, **kwargs):
         super().__init__(_with_real_path(app), **kwargs)
+        self._inner, self._door = app, None  # the door: made at the first /predict, False when not allowed
+
+    def _open_door(self) -> front.FrontDoor | bool:
+        if not self._is_setup:
+            self._setup()
+        found = front.find_guard(self._inner)
+        self._door = front.FrontDoor(*found, self) if found else False
+        return self._door
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in front.PATHS and scope["method"] == "POST" and (
+                door := self._door if self._door is not None else self._open_door()):
+            return await door(scope, receive, send)
         if scope["type"] == "http" and (label := path_label(scope["path"])) != scope["path"]:
             scope = {**scope, "path": label, _REAL_PATH: scope["path"]}
         await super().__call__(scope, receive, send)

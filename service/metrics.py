@@ -12,6 +12,7 @@ endpoint, class name, a fixed rejection reason; never a path or a request id.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -81,6 +82,13 @@ def get() -> Metrics:
                                    "pending (service/rollout.py), or the challenger's pass failed"),
         )
     return _metrics
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric, *labels: str):
+    """`metric.labels(*labels)`, remembered: the per-request series of the hot path (/predict) are a few, and
+    prometheus_client checks and joins the label values again at every `labels` call (none is ever removed)."""
+    return metric.labels(*labels)
 
 
 def record_offline(version: str, classes: list[str], offline: OfflineMetrics) -> None:

@@ -371,11 +371,11 @@ class ImageClassifier:
         model, shadow = rollout.choose(model, self.challenger, SETTINGS.canary_percent, SETTINGS.shadow)
         t = time.perf_counter()
         preds = model.answers(await model.batcher.probabilities(x), top_k)
-        m = self.metrics
-        m.latency.labels(route.path, model.version).observe(time.perf_counter() - t)
-        m.batch_size.labels(route.path).observe(len(x))
+        m, child = self.metrics, metrics.child
+        child(m.latency, route.path, model.version).observe(time.perf_counter() - t)
+        child(m.batch_size, route.path).observe(len(x))
         for p in preds:
-            m.predictions.labels(model.version, p["class_name"]).inc()
+            child(m.predictions, model.version, p["class_name"]).inc()
         if shadow is not None:
             self.shadow.submit(model.version, [p["label"] for p in preds], shadow, x)
         return JSONResponse({"model_version": model.version, "predictions": preds})

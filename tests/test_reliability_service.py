@@ -104,6 +104,15 @@ def test_a_request_over_request_timeout_is_504_and_the_server_keeps_serving(limi
     _recovers(s)
 
 
+def test_a_predict_over_request_timeout_is_504_and_the_server_keeps_serving(limit_servers):
+    """/predict is answered outside BentoML's middlewares (service/front.py), which applies the same time-out."""
+    s = limit_servers["timeout"]
+    r = httpx.post(s.url + "/predict", json={"images": _random_images(1024, seed=2)}, timeout=30)
+    assert r.status_code == 504, r.text[:500]
+    assert r.json() == {"error": "Not able to process the request in 0.05 seconds"}, r.text
+    _recovers(s)
+
+
 def test_over_max_concurrency_is_429_and_the_server_keeps_serving(limit_servers):
     s = limit_servers["one_at_a_time"]
     body = {"images": _random_images(1024, seed=1), "labels": [1] * 1024}

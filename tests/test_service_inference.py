@@ -24,6 +24,7 @@ from service.inference import (
     parse_predict_request,
     parse_top_k,
 )
+from service.inference import _regular_uint8 as regular_uint8
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.286,), std=(0.353,))
 RGB = dataclasses.replace(SPEC, channels=3)
@@ -52,6 +53,29 @@ def test_good_batches_keep_their_pixels():
     assert np.array_equal(parse_images(x.astype(float).tolist(), SPEC), out)
     colour = rng.integers(0, 256, (2, 3, 28, 28))
     assert np.array_equal(parse_images(colour.tolist(), RGB), colour.astype(np.uint8))
+
+
+def test_the_common_request_takes_the_c_loops_and_gets_the_same_pixels():
+    """Regular integer lists of the model's shape skip numpy's nested-list conversion; the array is the same,
+    and writable (torch.from_numpy warns on read-only arrays)."""
+    rng = np.random.default_rng(2)
+    for spec, shape in ((SPEC, (3, 28, 28)), (SPEC, (1, 28, 28)), (RGB, (2, 3, 28, 28))):
+        x = rng.integers(0, 256, shape)
+        x[0, 0, 0], x[-1, -1, -1] = 0, 255  # both ends of the range
+        fast = regular_uint8(x.tolist(), *spec.shape)
+        assert fast is not None and fast.flags.writeable and fast.flags.c_contiguous
+        assert fast.dtype == np.uint8 and np.array_equal(fast, x.reshape(-1, *spec.shape))
+        assert np.array_equal(parse_images(x.tolist(), spec), fast)
+
+
+@pytest.mark.parametrize("value", [
+    [img()[:27]], [[row[:27] if i == 5 else row for i, row in enumerate(img())]], [img(), img()[:27]],
+    [[img()] * 3], [[["7"] + [0] * 27] + img()[1:]], [[[True] + [0] * 27] + img()[1:]], [[[False] * 28] * 28],
+    [[[None] + [0] * 27] + img()[1:]], [img(256)], [img(-1)], [img(10**30)], [img(1.0)], [img(float("nan"))],
+    [[[[0]] * 28] * 28], [[0] * 28] * 28, [[img()]],  # one level too deep, one too shallow, (N, 1, H, W)
+])
+def test_everything_else_takes_the_full_checks(value):
+    assert regular_uint8(value, *SPEC.shape) is None
 
 
 @pytest.mark.parametrize("value, reason, words", [

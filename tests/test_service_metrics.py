@@ -104,6 +104,13 @@ def test_counters_and_histograms_add_up_over_the_workers(scrape, lenet_version):
     assert rejected.get('{endpoint="/predict",reason="content_type"}') == 1.0, rejected
     requests = _samples(text, "bentoml_service_request_total")  # BentoML's own metrics stay
     assert requests and any('endpoint="/evaluate"' in k and 'http_response_code="200"' in k for k in requests), requests
+    # /predict is answered outside BentoML's middlewares (service/front.py), which counts it in the same metrics
+    durations = _samples(text, "bentoml_service_request_duration_seconds_count")
+    for code, n in {"200": 8.0, "400": 1.0, "415": 1.0}.items():
+        for name, series in (("request_total", requests), ("request_duration_seconds_count", durations)):
+            got = sum(v for k, v in series.items()
+                      if 'endpoint="/predict"' in k and f'http_response_code="{code}"' in k)
+            assert got == n, (name, code, got, series)
 
 
 def test_every_metric_the_dashboard_and_alerts_use_is_scraped(scrape):
