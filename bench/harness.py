@@ -92,6 +92,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="imgclf-server-", suffix=".log")[1])
         self.probe, self.ready_timeout = probe, ready_timeout
+        self._closed = False
         # each server its own BENTOML_HOME: `bentoml serve` empties the Prometheus multiprocess
         # folder there at start, which would wipe another running server's metrics
         self._own_home = not env.get("BENTOML_HOME")
@@ -127,7 +128,11 @@ class Server:
     stop_in_background = False
 
     def close(self) -> None:
-        """End of the server's block: stop() now, or in a background thread when `stop_in_background`."""
+        """End of the server's block: stop() now, or in a background thread when `stop_in_background`.
+        Only the first call acts (a server may be closed by its test and again by the fixture that started it)."""
+        if self._closed:
+            return
+        self._closed = True
         if not self.stop_in_background:
             self.stop()
             return
