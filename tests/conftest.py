@@ -34,11 +34,11 @@ class StartAhead:
     """Servers for a module's tests, each started while the test before it runs: a start-up costs seconds of
     one core (BentoML imports the service in two processes, one after the other), so two start side by side
     on a 2-core machine in about the time of one. `take(key)` returns the server of `key` (starting it if it
-    is not yet) and starts the next one in `starts`' order; the test stops its server itself (`close()`),
-    the rest are stopped after the block. The keys follow the order in which the tests run."""
+    is not yet) and starts the next `ahead` ones in `starts`' order; the test stops its server itself
+    (`close()`), the rest are stopped after the block. The keys follow the order in which the tests run."""
 
-    def __init__(self, starts: dict):
-        self._starts, self._servers = starts, {}
+    def __init__(self, starts: dict, ahead: int = 1):
+        self._starts, self._servers, self._ahead = starts, {}, ahead
 
     def _start(self, key) -> Server:
         if key not in self._servers:
@@ -48,8 +48,8 @@ class StartAhead:
     def take(self, key) -> Server:
         server = self._start(key)
         keys = list(self._starts)
-        if keys.index(key) + 1 < len(keys):
-            self._start(keys[keys.index(key) + 1])
+        for later in keys[keys.index(key) + 1:keys.index(key) + 1 + self._ahead]:
+            self._start(later)
         return server
 
     def __enter__(self) -> StartAhead:

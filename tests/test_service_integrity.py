@@ -64,7 +64,7 @@ CANNOT_LOAD = [({"MODEL_VERSION": "20000101-000000-00000000"}, "no version"),  #
 
 @pytest.fixture(scope="module")
 def bad(lenet_version, tmp_path_factory):
-    """The module's bad versions, and a server of each started while the test before its own runs
+    """The module's bad versions, and a server of each started while the tests before its own run
     (conftest.StartAhead). Keys: "flipped", "missing", each traversal, each CANNOT_LOAD's words."""
     root, name, version, _ = lenet_version
     flipped_root, folder = copy_version(lenet_version, tmp_path_factory)
@@ -79,7 +79,8 @@ def bad(lenet_version, tmp_path_factory):
             "missing": {**env, "ARTIFACTS_DIR": str(missing_root)},
             **{v: {**env, "MODEL_VERSION": v} for v in TRAVERSALS},
             **{words: {**env, **extra} for extra, words in CANNOT_LOAD}}
-    with StartAhead({key: (lambda e=e: Server(e)) for key, e in envs.items()}) as servers:
+    # two ahead: the tests take seconds and a start-up about 10 s of one core, so two start-ups keep 2 cores busy
+    with StartAhead({key: (lambda e=e: Server(e)) for key, e in envs.items()}, ahead=2) as servers:
         yield {"servers": servers, "flipped": (flipped_root, weights)}
 
 
