@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -91,6 +92,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="imgclf-server-", suffix=".log")[1])
         self.probe, self.ready_timeout = probe, ready_timeout
+        self._closed = False
         # each server its own BENTOML_HOME: `bentoml serve` empties the Prometheus multiprocess
         # folder there at start, which would wipe another running server's metrics
         self._own_home = not env.get("BENTOML_HOME")
@@ -118,7 +120,25 @@ class Server:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()
+
+    # The tests set this (tests/conftest.py): a stopped server takes seconds to shut down gracefully, mostly
+    # waiting, so the block ends at once and the shutdown runs beside what follows; wait_stopped() waits for it.
+    # Benchmarks keep the default: nothing of the previous server runs beside the next measurement.
+    stop_in_background = False
+
+    def close(self) -> None:
+        """End of the server's block: stop() now, or in a background thread when `stop_in_background`.
+        Only the first call acts (a server may be closed by its test and again by the fixture that started it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.stop_in_background:
+            self.stop()
+            return
+        thread = threading.Thread(target=self.stop, name=f"stop-server-{self.port}", daemon=True)
+        thread.start()
+        _STOPPING.append(thread)
 
     def stop(self) -> None:
         """Stop the process group (idempotent); a BENTOML_HOME made for this server is removed."""
@@ -135,6 +155,15 @@ class Server:
         return max(p.memory_info().rss for p in workers)
 
 
+_STOPPING: list[threading.Thread] = []
+
+
+def wait_stopped() -> None:
+    """Wait until every server stopped in the background has exited (its whole process group)."""
+    while _STOPPING:
+        _STOPPING.pop().join()
+
+
 @contextlib.contextmanager
 def running(*servers: Server) -> Iterator[tuple[Server, ...]]:
     """Wait until every server is ready (they start side by side, each since its construction);
@@ -145,7 +174,7 @@ def running(*servers: Server) -> Iterator[tuple[Server, ...]]:
         yield servers
     finally:
         for s in servers:
-            s.stop()
+            s.close()
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.resnet import BasicBlock
 
 
 @functools.cache
@@ -144,6 +143,10 @@ class ResNet(nn.Module):
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
                  widths: tuple[int, ...] = (64, 128, 256), blocks_per_stage: int = 2,
                  channels_last: bool = False, train_bf16: bool = False):
+        # imported here: torchvision.models imports torch._dynamo, seconds of CPU that every server process and
+        # every other model would pay at import for a block only this model uses
+        from torchvision.models.resnet import BasicBlock
+
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))

@@ -13,11 +13,51 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import Server  # noqa: E402
+from bench.harness import Server, wait_stopped  # noqa: E402
 from training.config import make_config  # noqa: E402
 
 # Keep 2-core machines responsive when several test processes or servers share them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers_stop_in_background():
+    """A server's block ends as soon as it is told to stop; its graceful shutdown (seconds, mostly waiting)
+    runs beside the next test, and the session waits for every one at its end."""
+    Server.stop_in_background = True
+    yield
+    wait_stopped()
+    Server.stop_in_background = False
+
+
+class StartAhead:
+    """Servers for a module's tests, each started while the test before it runs: a start-up costs seconds of
+    one core (BentoML imports the service in two processes, one after the other), so two start side by side
+    on a 2-core machine in about the time of one. `take(key)` returns the server of `key` (starting it if it
+    is not yet) and starts the next `ahead` ones in `starts`' order; the test stops its server itself
+    (`close()`), the rest are stopped after the block. The keys follow the order in which the tests run."""
+
+    def __init__(self, starts: dict, ahead: int = 1):
+        self._starts, self._servers, self._ahead = starts, {}, ahead
+
+    def _start(self, key) -> Server:
+        if key not in self._servers:
+            self._servers[key] = self._starts[key]()
+        return self._servers[key]
+
+    def take(self, key) -> Server:
+        server = self._start(key)
+        keys = list(self._starts)
+        for later in keys[keys.index(key) + 1:keys.index(key) + 1 + self._ahead]:
+            self._start(later)
+        return server
+
+    def __enter__(self) -> StartAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for server in self._servers.values():
+            server.close()
 
 
 def tiny_config(tmp_path: Path, **overrides):

@@ -18,7 +18,7 @@ import torch
 from bench.harness import Server
 from core import artifacts
 from core.models import forward_logits, preprocess
-from tests.conftest import ROOT
+from tests.conftest import ROOT, StartAhead
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +35,31 @@ def bento(lenet_version, tmp_path_factory):
     tag = out.stdout.strip().splitlines()[-1].split()[2]
     path = Path(_bentoml("get", tag, "-o", "path", env=env).stdout.strip())
     return tag, path, env, version
+
+
+@pytest.fixture(scope="module")
+def bento_servers(bento, tmp_path_factory):
+    """`bentoml serve TAG` twice, started side by side (start-up is the slow part), each from a folder without
+    the project: "flipped" on a copy of the model store with one byte of the weights flipped (never ready:
+    up when /livez answers), "elsewhere" with ARTIFACTS_DIR, MODEL_NAME and MODEL_VERSION pointing at nothing."""
+    tag, _, env, version = bento
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    flipped = tmp_path_factory.mktemp("flipped")
+    home = flipped / "home"
+    shutil.copytree(env["BENTOML_HOME"], home, symlinks=True)  # damage a copy, not the module's store
+    flipped_env = {**env, "BENTOML_HOME": str(home), "PYTHONPATH": ""}
+    weights = _stored_version(flipped_env, "lenet", version) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    elsewhere_env = {**env, "ARTIFACTS_DIR": str(elsewhere / "no-artifacts-here"), "MODEL_NAME": "cnn",
+                     "MODEL_VERSION": "", "PYTHONPATH": ""}
+    live = lambda url: httpx.get(url + "/livez", timeout=2).status_code == 200  # noqa: E731
+    serve = [bentoml, "serve", tag]
+    with StartAhead({"flipped": lambda: Server(flipped_env, cmd=serve, cwd=flipped, probe=live),
+                     "elsewhere": lambda: Server(elsewhere_env, cmd=serve, cwd=elsewhere)}) as servers:
+        yield servers
 
 
 def _bentoml(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -69,18 +94,8 @@ def test_make_bento_imports_the_version_into_bentomls_model_store(bento, lenet_v
     assert exported.stat().st_size > (root / name / version / "model.safetensors").stat().st_size
 
 
-def test_a_flipped_byte_in_the_model_stores_copy_is_refused_before_serving(bento, tmp_path):
-    tag, path, env, version = bento
-    home = tmp_path / "home"
-    shutil.copytree(env["BENTOML_HOME"], home, symlinks=True)  # damage a copy, not the module's store
-    copy_env = {**env, "BENTOML_HOME": str(home)}
-    weights = _stored_version(copy_env, "lenet", version) / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    weights.write_bytes(bytes(data))
-    server = Server({**copy_env, "PYTHONPATH": ""}, cmd=[str(Path(sys.executable).with_name("bentoml")), "serve", tag],
-                    cwd=tmp_path, probe=lambda url: httpx.get(url + "/livez", timeout=2).status_code == 200)
-    with server:
+def test_a_flipped_byte_in_the_model_stores_copy_is_refused_before_serving(bento_servers):
+    with bento_servers.take("flipped") as server:
         r = httpx.get(server.url + "/readyz", timeout=10)
         assert r.status_code == 503 and "model.safetensors" in r.text, r.text
         assert httpx.post(server.url + "/predict", json={"images": [[[0] * 28] * 28]}, timeout=10).status_code == 503
@@ -97,14 +112,9 @@ def test_bento_holds_dockerfile_and_only_what_it_needs(bento):
     assert "torch==2.14.1" in reqs and "bentoml==1.4.40" in reqs  # the project's pins
 
 
-def test_bento_serves_its_own_version_from_another_folder(bento, fashion, tmp_path):
+def test_bento_serves_its_own_version_from_another_folder(bento, bento_servers, fashion):
     tag, path, env, version = bento
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    server_env = {**env, "ARTIFACTS_DIR": str(elsewhere / "no-artifacts-here"), "MODEL_NAME": "cnn",
-                  "MODEL_VERSION": "", "PYTHONPATH": ""}
-    with Server(server_env, cmd=[str(Path(sys.executable).with_name("bentoml")), "serve", tag],
-                cwd=elsewhere) as server:
+    with bento_servers.take("elsewhere") as server:
         x, y = fashion.test_x[:500], fashion.test_y[:500]
         buf = io.BytesIO()
         np.savez(buf, images=x[:, 0].numpy(), labels=y.numpy())

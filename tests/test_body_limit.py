@@ -11,9 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.harness import Server
 from service.settings import ENVELOPE_BYTES, Settings, largest_request_bytes
-from tests.conftest import lenet_env
 
 
 def _largest_npz(n: int, shape: tuple[int, ...]) -> bytes:
@@ -68,23 +66,23 @@ def _declared(port: int, length: int, route: bytes = b"/evaluate_npz",
 
 
 @pytest.mark.slow
-def test_the_largest_legal_request_passes_and_one_byte_more_is_413(lenet_version):
-    """On a real server with the defaults: an .npz of MAX_NPZ_IMAGES (100,000) images is evaluated (it was
-    413 under the old 64 MiB), the largest /evaluate JSON too; a body one byte over the limit is 413."""
+def test_the_largest_legal_request_passes_and_one_byte_more_is_413(lenet_server):
+    """On a real server with the defaults (the session's): an .npz of MAX_NPZ_IMAGES (100,000) images is evaluated
+    (it was 413 under the old 64 MiB), the largest /evaluate JSON too; a body one byte over the limit is 413."""
     limit = Settings().max_body_bytes
-    with Server(lenet_env(lenet_version)) as s:
-        body, ctype = _multipart(_largest_npz(100_000, (28, 28)))
-        r = httpx.post(s.url + "/evaluate_npz", content=body, headers={"content-type": ctype}, timeout=300)
-        assert r.status_code == 200, r.text[:500]
-        assert r.json()["n"] == 100_000
-        evaluate = {"images": [[[255] * 28] * 28] * 1024, "labels": [9] * 1024}
-        assert httpx.post(s.url + "/evaluate", json=evaluate, timeout=120).status_code == 200
-        assert httpx.get(s.url + "/model_info", timeout=10).json()["limits"]["max_body_bytes"] == limit
-        assert _declared(s.port, limit + 1).startswith(b"HTTP/1.1 413")
-        assert b"over the limit of %d bytes" % limit in _declared(s.port, limit + 1)
-        # the JSON routes: the largest JSON body passed above; one byte more is refused before it is read
-        json_limit = Settings().body_limit((1, 28, 28), 10, json_only=True)
-        assert httpx.get(s.url + "/model_info", timeout=10).json()["limits"]["max_json_body_bytes"] == json_limit
-        for route in (b"/evaluate", b"/predict"):
-            answer = _declared(s.port, json_limit + 1, route, b"application/json")
-            assert answer.startswith(b"HTTP/1.1 413") and b"over the limit of %d bytes" % json_limit in answer
+    s = lenet_server
+    body, ctype = _multipart(_largest_npz(100_000, (28, 28)))
+    r = httpx.post(s.url + "/evaluate_npz", content=body, headers={"content-type": ctype}, timeout=300)
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["n"] == 100_000
+    evaluate = {"images": [[[255] * 28] * 28] * 1024, "labels": [9] * 1024}
+    assert httpx.post(s.url + "/evaluate", json=evaluate, timeout=120).status_code == 200
+    assert httpx.get(s.url + "/model_info", timeout=10).json()["limits"]["max_body_bytes"] == limit
+    assert _declared(s.port, limit + 1).startswith(b"HTTP/1.1 413")
+    assert b"over the limit of %d bytes" % limit in _declared(s.port, limit + 1)
+    # the JSON routes: the largest JSON body passed above; one byte more is refused before it is read
+    json_limit = Settings().body_limit((1, 28, 28), 10, json_only=True)
+    assert httpx.get(s.url + "/model_info", timeout=10).json()["limits"]["max_json_body_bytes"] == json_limit
+    for route in (b"/evaluate", b"/predict"):
+        answer = _declared(s.port, json_limit + 1, route, b"application/json")
+        assert answer.startswith(b"HTTP/1.1 413") and b"over the limit of %d bytes" % json_limit in answer

@@ -15,17 +15,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.harness import Server
-from tests.conftest import lenet_env
-
 API_ROUTES = ("/predict", "/evaluate", "/model_info", "/predict_image", "/evaluate_npz")
 REFUSALS = {"400", "413", "415", "429", "503"}
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(lenet_version):
-    with Server(lenet_env(lenet_version)) as server:
-        yield server
+def fuzz_server(lenet_server):
+    """The session's server: fuzzing only reads (the test checks that it still serves afterwards)."""
+    return lenet_server
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import pytest
 from bench.harness import Server
 from core.manifest import InputSpec
 from service.inference import InputError, decode_image_file, parse_labels, parse_npz
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, StartAhead
 from tests.test_reliability_service import SteadyLoad, _publish_variant
 
 IMG = [[0] * 28 for _ in range(28)]
@@ -162,22 +162,9 @@ def _png_with_transparency(grey: np.ndarray, value: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def tiny_version(tmp_path_factory):
-    """A LeNet trained for seconds (1,024 images, 1 epoch): these tests need a valid version, not a good one.
-    Same (artifacts_dir, name, version, manifest) as conftest's lenet_version."""
-    import json
-
-    from training.pipeline import train
-
-    folder = train(tiny_config(tmp_path_factory.mktemp("hostile")), log=lambda *_: None)
-    return folder.parent.parent, "lenet", folder.name, json.loads((folder / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tiny_version):
-    root, name, version, _ = tiny_version
-    with Server({"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": version}) as server:
-        yield server
+def tiny_server(lenet_server):
+    """The session's server: these tests need a valid version, and they change nothing on the server."""
+    return lenet_server
 
 
 def _series(url: str) -> list[str]:
@@ -267,8 +254,43 @@ def _info(url: str) -> dict:
     return httpx.get(url + "/model_info", timeout=10).json()
 
 
+@pytest.fixture(scope="module")
+def faults(lenet_version, tmp_path_factory):
+    """The servers of the tests below, each on its own copy of the session's version, each started while the
+    test before it runs (conftest.StartAhead): "rollback" and "repair" serve v1 of a registry that also holds
+    a variant v2 and reload on a promote; "not_yet" has 2 workers and no artifacts at start.
+    Each value: (server, artifacts root, name, v1, v2)."""
+    from core import artifacts
+
+    def registry(key: str) -> tuple[Path, str, str, str]:
+        root, name, v1 = _own_copy(lenet_version, tmp_path_factory.mktemp(key))
+        v2 = _publish_variant(root, name, v1, 1e-3)
+        artifacts.promote(root, name, v1)
+        return root, name, v1, v2
+
+    rollback, repair = registry("rollback"), registry("repair")
+    name, v1 = lenet_version[1], lenet_version[2]
+    not_yet = tmp_path_factory.mktemp("not-yet") / "artifacts"
+    envs = {"rollback": ({"ARTIFACTS_DIR": str(rollback[0]), "MODEL_NAME": name, "MODEL_VERSION": "",
+                          "RELOAD_POLL_S": "0.3", "REQUEST_TIMEOUT": "5"}, {"workers": 1}),
+            "repair": ({"ARTIFACTS_DIR": str(repair[0]), "MODEL_NAME": name, "MODEL_VERSION": "",
+                        "RELOAD_POLL_S": "0.3"}, {"workers": 1}),
+            "not_yet": ({"ARTIFACTS_DIR": str(not_yet), "MODEL_NAME": name, "MODEL_VERSION": v1,
+                         "LOAD_RETRY_MAX_S": "2"},
+                        {"workers": 2, "probe": lambda url: httpx.get(url + "/livez", timeout=2).status_code == 200})}
+    with StartAhead({key: (lambda e=e, kw=kw: Server(e, **kw)) for key, (e, kw) in envs.items()}) as servers:
+        yield {"rollback": rollback, "repair": repair, "not_yet": (not_yet, name, v1, None), "servers": servers}
+
+
+def _take(faults: dict, key: str) -> tuple:
+    """(ready server, root, name, v1, v2) of `key`; the caller stops the server (`with`)."""
+    server = faults["servers"].take(key)
+    server.wait_ready()
+    return (server, *faults[key])
+
+
 @pytest.mark.slow
-def test_a_rollback_within_60_s_under_load_loses_no_request_and_keeps_every_route(tiny_version, tmp_path):
+def test_a_rollback_within_60_s_under_load_loses_no_request_and_keeps_every_route(faults):
     """A -> B -> A, all within a minute, under a steady /predict load. The batcher used to be dropped by the
     version's name 60 s after a swap, so the rollback's live A lost its batcher: every /predict hung until
     REQUEST_TIMEOUT (500) and /predict_image answered 500 (KeyError)."""
@@ -276,12 +298,8 @@ def test_a_rollback_within_60_s_under_load_loses_no_request_and_keeps_every_rout
 
     from core import artifacts
 
-    root, name, v1 = _own_copy(tiny_version, tmp_path)
-    v2 = _publish_variant(root, name, v1, 1e-3)
-    artifacts.promote(root, name, v1)
-    env = {"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": "", "RELOAD_POLL_S": "0.3",
-           "REQUEST_TIMEOUT": "5"}
-    with Server(env, workers=1) as s:
+    server, root, name, v1, v2 = _take(faults, "rollback")  # RELOAD_POLL_S=0.3, REQUEST_TIMEOUT=5, 1 worker
+    with server as s:
         with SteadyLoad(s.url, 2) as load:
             _promote_cli(root, name, v2)
             _wait_for(lambda: _info(s.url)["model_version"] == v2, 20, f"{v2} served")
@@ -316,16 +334,11 @@ def _corrupt(path: Path) -> bytes:
 
 
 @pytest.mark.slow
-def test_a_refused_version_repaired_and_promoted_again_is_served(tiny_version, tmp_path):
+def test_a_refused_version_repaired_and_promoted_again_is_served(faults):
     """A failed reload used to blacklist the version's name until a restart: `promote` said "promoted" and
     the service ignored it. The refusal names the reason without server paths; the repair is served."""
-    from core import artifacts
-
-    root, name, v1 = _own_copy(tiny_version, tmp_path)
-    v2 = _publish_variant(root, name, v1, 1e-3)
-    artifacts.promote(root, name, v1)
-    env = {"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": "", "RELOAD_POLL_S": "0.3"}
-    with Server(env, workers=1) as s:
+    server, root, name, v1, v2 = _take(faults, "repair")  # RELOAD_POLL_S=0.3, 1 worker
+    with server as s:
         weights = root / name / v2 / "model.safetensors"
         original = _corrupt(weights)
         (root / name / ".PROMOTED.tmp").write_text(v2 + "\n")  # by hand: promote itself refuses a corrupt version
@@ -344,14 +357,13 @@ def test_a_refused_version_repaired_and_promoted_again_is_served(tiny_version, t
 
 
 @pytest.mark.slow
-def test_workers_started_without_their_artifacts_all_become_ready_once_the_files_appear(tiny_version, tmp_path):
+def test_workers_started_without_their_artifacts_all_become_ready_once_the_files_appear(faults, lenet_version):
     """Artifacts missing at start: /livez 200, /readyz 503 with a reason code and no server path or errno
     text; once the files appear every worker loads them (retry with backoff) and /readyz is 200 on all."""
-    src_root, name, v1, _ = tiny_version
-    root = tmp_path / "not-yet"
-    env = {"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": v1, "LOAD_RETRY_MAX_S": "2"}
-    live = lambda url: httpx.get(url + "/livez", timeout=2).status_code == 200  # noqa: E731
-    with Server(env, workers=2, probe=live) as s:
+    src_root = lenet_version[0]
+    server, root, name, v1, _ = _take(faults, "not_yet")  # 2 workers, LOAD_RETRY_MAX_S=2, ready when /livez is 200
+    tmp_path = root.parent
+    with server as s:
         _wait_for(lambda: "NOT READY" in s.log(), 60, "the failed load logged")
         for _ in range(6):
             r = httpx.get(s.url + "/readyz", timeout=5)
@@ -362,8 +374,10 @@ def test_workers_started_without_their_artifacts_all_become_ready_once_the_files
         assert str(root) in s.log()  # the full reason is in the server's log
         shutil.copytree(Path(src_root) / name / v1, root / name / v1)
         _wait_for(lambda: httpx.get(s.url + "/readyz", timeout=5).status_code == 200, 60, "a worker ready")
-        time.sleep(5)  # the other worker's next attempt (backoff at most 2 s)
-        codes = Counter(httpx.get(s.url + "/readyz", timeout=5).status_code for _ in range(40))  # new connections
+        deadline = time.monotonic() + 5  # the other worker's next attempt (backoff at most 2 s)
+        while (codes := Counter(httpx.get(s.url + "/readyz", timeout=5).status_code for _ in range(40))) != \
+                Counter({200: 40}) and time.monotonic() < deadline:  # new connections
+            time.sleep(0.3)
         assert codes == Counter({200: 40}), codes
         r = httpx.post(s.url + "/predict", json=ONE, timeout=10)
         assert r.status_code == 200 and r.json()["model_version"] == v1

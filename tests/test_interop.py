@@ -22,7 +22,7 @@ from core.artifacts import IntegrityError
 from service import backends, v2
 from service.inference import Classifier, InputError
 from service.settings import Settings, SettingsError
-from tests.conftest import lenet_env
+from tests.conftest import StartAhead, lenet_env
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -39,9 +39,22 @@ def onnx_server(lenet_server):
 
 
 @pytest.fixture(scope="module")
-def torch_server(lenet_version):
-    with Server({**lenet_env(lenet_version), "BACKEND": "torch", "MAX_BODY_MB": "8"}) as server:
-        yield server
+def own_servers(lenet_version, tmp_path_factory):
+    """The module's own servers, started side by side (start-up is the slow part): "torch" (BACKEND=torch,
+    MAX_BODY_MB=8) and "no_onnx" (BACKEND=onnx of a copy of the version without model.onnx: never ready)."""
+    root, version = without_onnx(lenet_version, tmp_path_factory.mktemp("without-onnx"))
+    no_onnx = {"ARTIFACTS_DIR": str(root), "MODEL_NAME": "lenet", "MODEL_VERSION": version, "BACKEND": "onnx"}
+    v2_live = lambda url: httpx.get(url + "/v2/health/live", timeout=2).status_code == 200  # noqa: E731
+    with StartAhead({"torch": lambda: Server({**lenet_env(lenet_version), "BACKEND": "torch", "MAX_BODY_MB": "8"}),
+                     "no_onnx": lambda: Server(no_onnx, probe=v2_live)}) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def torch_server(own_servers):
+    server = own_servers.take("torch")
+    server.wait_ready()
+    return server
 
 
 def without_onnx(lenet_version, root: Path) -> tuple[Path, str]:
@@ -125,11 +138,9 @@ def test_onnx_and_torch_servers_give_the_same_answers(onnx_server, torch_server,
 
 
 @pytest.mark.slow
-def test_onnx_backend_refuses_a_version_without_model_onnx(lenet_version, tmp_path):
+def test_onnx_backend_refuses_a_version_without_model_onnx(own_servers):
     """BACKEND=onnx is an explicit choice: an old version is not served by torch behind the operator's back."""
-    root, version = without_onnx(lenet_version, tmp_path)
-    env = {"ARTIFACTS_DIR": str(root), "MODEL_NAME": "lenet", "MODEL_VERSION": version, "BACKEND": "onnx"}
-    with Server(env, probe=lambda url: httpx.get(url + "/v2/health/live", timeout=2).status_code == 200) as s:
+    with own_servers.take("no_onnx") as s:  # ready when /v2/health/live answers 200
         r = httpx.get(s.url + "/readyz", timeout=10)
         assert r.status_code == 503 and "BACKEND=onnx, but lenet/" in r.json()["error"], r.text
         assert "has no model.onnx" in r.json()["error"]

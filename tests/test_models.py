@@ -72,6 +72,21 @@ def test_unknown_model_lists_the_known_ones():
         build_model("vgg", 1, 28, 28, 10)
 
 
+def test_the_service_imports_neither_torchvision_nor_dynamo():
+    """Each server process imports the service (BentoML's arbiter, then every worker): torchvision.models pulls in
+    torch._dynamo, about 4 s of CPU per process, for a block only the resnet uses; it is imported when one is built."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, service.service; "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_resnet_is_built_from_torchvisions_basic_block():
     # the issue asks for torchvision's own block, not a copy: 3 stages x 2 blocks, widths 64/128/256,
     # downsampling (stride 2, 1x1 conv shortcut) at the first block of the 2nd and 3rd stage

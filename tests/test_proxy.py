@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.harness import Server, free_port, stop, wait_ready
-from tests.conftest import ROOT, lenet_env
+from bench.harness import free_port, stop, wait_ready
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,9 @@ def shipped_config(listen: int, upstream: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def proxied(lenet_version):
-    """(proxy URL, server): nginx with the shipped configuration in front of a real 1-worker server."""
+def proxied(lenet_server):
+    """(proxy URL, server): nginx with the shipped configuration in front of the session's real 1-worker server
+    (the attack ends at nginx: the server behind it is unchanged for the tests after these)."""
     assert Path(NGINX).exists(), "nginx missing: make tools (apt-get install nginx)"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = HALF_OPEN + TRICKLING + 1_000
@@ -52,20 +53,18 @@ def proxied(lenet_version):
     prefix.chmod(0o755)  # run as root, nginx's workers are `nobody`: they write their buffers under it
     port = free_port()
     try:
-        with Server(lenet_env(lenet_version), workers=1) as server:
-            conf = prefix / "nginx.conf"
-            conf.write_text(shipped_config(port, server.port))
-            log = prefix / "nginx.log"
-            with open(log, "w") as out:
-                proc = subprocess.Popen([NGINX, "-p", f"{prefix}/", "-c", str(conf), "-e", "stderr"],
-                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            url = f"http://127.0.0.1:{port}"
-            try:
-                wait_ready(lambda: httpx.get(url + "/readyz", timeout=2).status_code == 200, proc, 30,
-                           log.read_text)
-                yield url, server
-            finally:
-                stop(proc)
+        conf = prefix / "nginx.conf"
+        conf.write_text(shipped_config(port, lenet_server.port))
+        log = prefix / "nginx.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([NGINX, "-p", f"{prefix}/", "-c", str(conf), "-e", "stderr"],
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(lambda: httpx.get(url + "/readyz", timeout=2).status_code == 200, proc, 30, log.read_text)
+            yield url, lenet_server
+        finally:
+            stop(proc)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         shutil.rmtree(prefix, ignore_errors=True)
@@ -133,9 +132,9 @@ async def _attack_and_serve(url: str, port: int) -> dict:
     try:
         answers = await _normal_client(url)
         held = {"half_open": sum(map(_open_still, half)), "trickling": sum(map(_open_still, slow))}
-        # the header timeout (10 s from the connection) closes the half-open connections
-        await asyncio.sleep(max(0.0, 13 - (time.monotonic() - t0)))
-        after_timeout = sum(map(_open_still, half))
+        # the header timeout (10 s from the connection) closes the half-open connections: all by 13 s from t0
+        while (after_timeout := sum(map(_open_still, half))) and time.monotonic() - t0 < 13:
+            await asyncio.sleep(0.5)
     finally:
         trickler.cancel()
         for s in half + slow:

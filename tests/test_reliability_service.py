@@ -4,6 +4,7 @@ of the real LeNet version and stops them; wrk is always waited for."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,13 +56,16 @@ def _recovers(server: Server, within: float = 10.0) -> float:
 
 @pytest.fixture(scope="module")
 def limit_servers(lenet_version):
-    """Three servers started together (start-up is the slow part): small body and image limits,
-    a tiny request timeout, and one request in flight per worker."""
+    """The module's servers started together (start-up is the slow part): small body and image limits,
+    a tiny request timeout, one request in flight per worker, 8 in flight (the overload test), and a plain
+    one that the shutdown test stops. One worker each."""
     env = lenet_env(lenet_version)
     servers = {
         "small": Server({**env, "MAX_BODY_MB": "0.05", "MAX_IMAGES": "4"}),
         "timeout": Server({**env, "REQUEST_TIMEOUT": "0.05"}),
         "one_at_a_time": Server({**env, "MAX_CONCURRENCY": "1"}),
+        "eight_at_a_time": Server({**env, "MAX_CONCURRENCY": "8"}, workers=1),
+        "to_stop": Server(env, workers=1),
     }
     with running(*servers.values()):
         yield servers
@@ -151,8 +155,8 @@ def needs_wrk():
         pytest.fail("wrk is missing: apt-get install wrk")
 
 
-def test_60s_at_64_connections_answers_only_2xx_and_memory_returns_near_its_start(lenet_version, needs_wrk):
-    with Server(lenet_env(lenet_version), workers=1) as s:
+def test_60s_at_64_connections_answers_only_2xx_and_memory_returns_near_its_start(lenet_server, needs_wrk):
+    with contextlib.nullcontext(lenet_server) as s:  # the session's 1-worker server of the LeNet version
         warm = _wrk(s.url + "/predict", 64, 5)
         assert warm["non_2xx"] == 0, warm["text"]
         rss_before = s.worker_rss()
@@ -168,8 +172,8 @@ def test_60s_at_64_connections_answers_only_2xx_and_memory_returns_near_its_star
         _recovers(s, within=3)
 
 
-def test_overload_answers_only_200_429_or_503_and_recovers(lenet_version, needs_wrk):
-    with Server({**lenet_env(lenet_version), "MAX_CONCURRENCY": "8"}, workers=1) as s:
+def test_overload_answers_only_200_429_or_503_and_recovers(limit_servers, needs_wrk):
+    with contextlib.nullcontext(limit_servers["eight_at_a_time"]) as s:
         sampled: Counter = Counter()
         stop = threading.Event()
 
@@ -313,10 +317,10 @@ def _connect_refused(port: int) -> bool:
         return True
 
 
-def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_connections(lenet_version):
+def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_connections(limit_servers):
     import io
 
-    with Server(lenet_env(lenet_version), workers=1) as s:
+    with contextlib.nullcontext(limit_servers["to_stop"]) as s:  # started with the others; stopped here
         n = 80_000  # ~63 MB of pixels, under MAX_BODY_MB=64: seconds of work on 2 cores
         rng = np.random.default_rng(5)
         buf = io.BytesIO()

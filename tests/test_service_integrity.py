@@ -11,15 +11,16 @@ import httpx
 import pytest
 
 from bench.harness import Server
+from tests.conftest import StartAhead
 
 pytestmark = pytest.mark.slow
 
 IMG = [[0] * 28 for _ in range(28)]
 
 
-def refused(env: dict, needle: str, timeout: float = 60) -> tuple[Server, httpx.Response]:
-    """Start a server of a bad version; wait until /readyz answers with `needle` in its reason."""
-    s = Server(env)
+def refused(s: Server, needle: str, timeout: float = 60) -> tuple[Server, httpx.Response]:
+    """Wait until the server of a bad version answers /readyz with `needle` in its reason (at most `timeout` s:
+    the caller's assertions then say what it answered)."""
     deadline, r = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         assert s.proc.poll() is None, s.log()[-3000:]
@@ -56,59 +57,75 @@ def assert_never_served(s: Server, r: httpx.Response | None, *phrases: str) -> N
     assert "NOT READY" in log and all(p in log for p in phrases), log[-3000:]
 
 
-def test_flipped_byte_in_the_weights_never_becomes_ready(lenet_version, tmp_path_factory):
-    _, name, version, manifest = lenet_version
-    bad_root, folder = copy_version(lenet_version, tmp_path_factory)
+TRAVERSALS = ["../x", "../../etc", "/etc"]
+CANNOT_LOAD = [({"MODEL_VERSION": "20000101-000000-00000000"}, "no version"),  # unknown version
+               ({"DEVICE": "cuda"}, "CUDA")]                                    # asked for a GPU that is not there
+
+
+@pytest.fixture(scope="module")
+def bad(lenet_version, tmp_path_factory):
+    """The module's bad versions, and a server of each started while the tests before its own run
+    (conftest.StartAhead). Keys: "flipped", "missing", each traversal, each CANNOT_LOAD's words."""
+    root, name, version, _ = lenet_version
+    flipped_root, folder = copy_version(lenet_version, tmp_path_factory)
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
+    missing_root, folder = copy_version(lenet_version, tmp_path_factory)
+    (folder / "model.safetensors").unlink()
+    env = {"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": version}
+    envs = {"flipped": {**env, "ARTIFACTS_DIR": str(flipped_root)},
+            "missing": {**env, "ARTIFACTS_DIR": str(missing_root)},
+            **{v: {**env, "MODEL_VERSION": v} for v in TRAVERSALS},
+            **{words: {**env, **extra} for extra, words in CANNOT_LOAD}}
+    # two ahead: the tests take seconds and a start-up about 10 s of one core, so two start-ups keep 2 cores busy
+    with StartAhead({key: (lambda e=e: Server(e)) for key, e in envs.items()}, ahead=2) as servers:
+        yield {"servers": servers, "flipped": (flipped_root, weights)}
+
+
+def test_flipped_byte_in_the_weights_never_becomes_ready(lenet_version, bad):
+    _, name, version, manifest = lenet_version
+    bad_root, weights = bad["flipped"]
     import hashlib
 
-    actual = hashlib.sha256(bytes(data)).hexdigest()
-    s, r = refused({"ARTIFACTS_DIR": str(bad_root), "MODEL_NAME": name, "MODEL_VERSION": version}, "sha256")
+    actual = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert actual != manifest["weights_sha256"]
+    s, r = refused(bad["servers"].take("flipped"), "sha256")
     try:
         # clients see the file relative to ARTIFACTS_DIR, never the server's absolute path; the log has it
         assert_never_served(s, r, f"{name}/{version}/model.safetensors", manifest["weights_sha256"], actual)
         assert str(weights) in s.log() and str(bad_root) not in r.text
     finally:
-        s.stop()
+        s.close()
 
 
-def test_missing_weights_file_never_becomes_ready(lenet_version, tmp_path_factory):
+def test_missing_weights_file_never_becomes_ready(lenet_version, bad):
     _, name, version, _ = lenet_version
-    bad_root, folder = copy_version(lenet_version, tmp_path_factory)
-    (folder / "model.safetensors").unlink()
-    s, r = refused({"ARTIFACTS_DIR": str(bad_root), "MODEL_NAME": name, "MODEL_VERSION": version},
-                   "model.safetensors")
+    s, r = refused(bad["servers"].take("missing"), "model.safetensors")
     try:
         assert_never_served(s, r, "model.safetensors", version)
     finally:
-        s.stop()
+        s.close()
 
 
-@pytest.mark.parametrize("bad", ["../x", "../../etc", "/etc"])
-def test_path_traversal_in_model_version_is_refused(lenet_version, bad):
-    root, name, _, _ = lenet_version
-    s, r = refused({"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": bad}, "refused")
+@pytest.mark.parametrize("version", TRAVERSALS)
+def test_path_traversal_in_model_version_is_refused(bad, version):
+    s, r = refused(bad["servers"].take(version), "invalid version")
     try:
-        assert_never_served(s, r, "invalid version", repr(bad))
+        assert_never_served(s, r, "invalid version", repr(version))
     finally:
-        s.stop()
+        s.close()
 
 
-@pytest.mark.parametrize("env, words", [
-    ({"MODEL_VERSION": "20000101-000000-00000000"}, "no version"),  # unknown version
-    ({"DEVICE": "cuda"}, "CUDA"),                                    # asked for a GPU that is not there
-])
-def test_a_version_that_cannot_load_answers_503_with_the_reason(lenet_version, env, words):
+@pytest.mark.parametrize("env, words", CANNOT_LOAD)
+def test_a_version_that_cannot_load_answers_503_with_the_reason(bad, env, words):
     import torch
 
     if env.get("DEVICE") == "cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is visible: DEVICE=cuda loads")
-    root, name, version, _ = lenet_version
-    s, r = refused({"ARTIFACTS_DIR": str(root), "MODEL_NAME": name, "MODEL_VERSION": version, **env}, "refused")
+    s, r = refused(bad["servers"].take(words), words)
     try:
         assert_never_served(s, r, words)
     finally:
-        s.stop()
+        s.close()

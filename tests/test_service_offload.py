@@ -62,18 +62,18 @@ def test_two_56_mb_bodies_leave_other_clients_answered(lenet_version, fashion):
 
 
 @pytest.mark.slow
-def test_a_large_body_gets_the_answer_of_a_small_one(lenet_version, fashion):
+def test_a_large_body_gets_the_answer_of_a_small_one(lenet_server, fashion):
     images = fashion.test_x[:400, 0].numpy()
     body = json.dumps({"images": images.tolist(), "top_k": 2}).encode()
     assert len(body) > 1 << 20  # over offload.LARGE_BODY_BYTES
-    with Server(lenet_env(lenet_version), workers=1) as s:
-        large = httpx.post(s.url + "/predict", content=body, headers={"content-type": "application/json"}, timeout=60)
-        parts = [httpx.post(s.url + "/predict", json={"images": images[i:i + 100].tolist(), "top_k": 2}, timeout=60)
-                 for i in range(0, 400, 100)]
-        refused = httpx.post(s.url + "/predict", content=body.replace(b'"top_k": 2', b'"top_k": 11'),
-                             headers={"content-type": "application/json"}, timeout=60)
-        invalid = httpx.post(s.url + "/predict", content=body.replace(b'"top_k": 2', b'"top_k": [2'),
-                             headers={"content-type": "application/json"}, timeout=60)
+    s = lenet_server  # the session's 1-worker server
+    large = httpx.post(s.url + "/predict", content=body, headers={"content-type": "application/json"}, timeout=60)
+    parts = [httpx.post(s.url + "/predict", json={"images": images[i:i + 100].tolist(), "top_k": 2}, timeout=60)
+             for i in range(0, 400, 100)]
+    refused = httpx.post(s.url + "/predict", content=body.replace(b'"top_k": 2', b'"top_k": 11'),
+                         headers={"content-type": "application/json"}, timeout=60)
+    invalid = httpx.post(s.url + "/predict", content=body.replace(b'"top_k": 2', b'"top_k": [2'),
+                         headers={"content-type": "application/json"}, timeout=60)
     assert large.status_code == 200
     got, want = large.json()["predictions"], [p for r in parts for p in r.json()["predictions"]]
     assert [(p["label"], [k["label"] for k in p["top_k"]]) for p in got] == \
