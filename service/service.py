@@ -11,6 +11,7 @@ import inspect
 import logging
 import threading
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,10 +19,10 @@ import bentoml
 import numpy as np
 import torch
 from bentoml._internal.context import server_context
-from pydantic import BaseModel, Field, WithJsonSchema
+from pydantic import BaseModel, Field, WithJsonSchema, create_model
 from starlette.responses import JSONResponse
 
-from core import artifacts
+from core import artifacts, registry
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
 from service import metric_paths, metrics, paired, placement, recovery, rollout, settings, store, v2
@@ -101,20 +102,12 @@ class EvaluateAnswer(BaseModel):
     consistency_test: ConsistencyTest
 
 
-class PairedComparison(BaseModel):
-    """The paired figures of champion (a) and challenger (b) on the batch: `python -m training compare`'s."""
-    a: str
-    b: str
-    n: int
-    a_correct: int
-    b_correct: int
-    a_right_b_wrong: int
-    a_wrong_b_right: int
-    mcnemar_p: float
-    diff: float
-    diff_ci95: list[float]
-    verdict: str
-    alpha: float
+# the comparison block: the fields of `python -m training compare` (core.registry.Comparison), less those
+# that only an offline comparison has (the model name, the dataset, where the predictions came from, notes)
+PairedComparison = create_model(
+    "PairedComparison", __doc__="The paired figures of champion (a) and challenger (b) on the batch.",
+    **{name: (hint, ...) for name, hint in typing.get_type_hints(registry.Comparison).items()
+       if name not in ("name", "dataset", "predictions", "notes")})
 
 
 class PairedEvaluateAnswer(EvaluateAnswer):
