@@ -7,6 +7,8 @@ worker to wake takes all of them and the other workers stay idle for as long as 
 on 2 workers, 5 of 6 runs of 64 connections had all 64 on one worker (`ss -tnp` during the run) and
 served 960-1,330 req/s, the balanced run 2,000. Accepting one connection per turn lets every worker woken
 by the same burst take its share, and a worker busy with a forward pass leaves the next ones to the others.
+The cost: when hundreds of connections open at once onto busy workers, the last ones wait some turns
+before their first request is read (256 connections on 2 workers: p99 1.2 s in the first seconds).
 
 Python's own event loop only: with uvloop installed (uvicorn would pick it), this has no effect.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import asyncio.selector_events
 
-PER_TURN = 1
+PER_TURN = 1  # more per turn brought the imbalance back (README "Benchmarks")
 
 
 def install() -> None:
