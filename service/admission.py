@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -80,8 +81,11 @@ def remove_stale(folder: Path | None = None) -> list[Path]:
 class SharedCount:
     """The in-flight counts of one server's `slots` workers; this process owns slot `index` (0-based).
 
-    Layout: `slots` int64 counts, then `slots` int64 owner pids (0: no live owner). A worker that
+    Layout, four columns of `slots` int64: in-flight counts, owner pids (0: no live owner), open
+    connections and heartbeats (CLOCK_MONOTONIC ns; both kept by service/balance.py). A worker that
     replaces a dead one (BentoML's process manager reuses its index) starts its slot from zero."""
+
+    COLUMNS = 4
 
     def __init__(self, path: Path, slots: int, index: int):
         if not 0 <= index < slots:
@@ -94,13 +98,15 @@ class SharedCount:
                 break
             os.close(fd)
         try:
-            if os.fstat(fd).st_size < 2 * slots * _SLOT:
-                os.ftruncate(fd, 2 * slots * _SLOT)
-            self._map = mmap.mmap(fd, 2 * slots * _SLOT)
+            size = self.COLUMNS * slots * _SLOT
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
             self._bytes = memoryview(self._map)
             self._all = self._bytes.cast("q")
-            self.counts = self._all[:slots]
-            self.counts[index], self._all[slots + index] = 0, os.getpid()
+            self.counts, self.connections, self.beats = (self._all[c * slots:(c + 1) * slots] for c in (0, 2, 3))
+            self.counts[index], self.connections[index], self.beats[index] = 0, 0, 0
+            self._all[slots + index] = os.getpid()
         finally:  # the mapping holds a duplicate of the descriptor, so the lock is released explicitly
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
@@ -121,13 +127,15 @@ class SharedCount:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self.counts[self.index], self._all[self.slots + self.index] = 0, 0
+            self.connections[self.index], self.beats[self.index] = 0, 0
             owners = [self._all[self.slots + i] for i in range(self.slots)]
             if os.fstat(fd).st_nlink and not any(pid and psutil.pid_exists(pid) for pid in owners):
                 self.path.unlink()
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            self.counts.release()
+            for view in (self.counts, self.connections, self.beats):
+                view.release()
             self._all.release()
             self._bytes.release()
             self._map.close()
@@ -182,16 +190,22 @@ def configured_workers(service: str) -> int:
     return int(system_resources()["cpu"]) if workers == "cpu_count" else int(workers)
 
 
-def for_this_worker(limit: int, heavy_limit: int) -> Admission:
-    """This worker's admission: shared with the other workers of its server when BentoML started it as one
-    of several (its index from BentoML's server_context, the server from its parent process)."""
+@functools.cache
+def this_workers_share() -> SharedCount | None:
+    """This worker's slot in its server's shared file, when BentoML started it as one of several (its
+    index from BentoML's server_context, the server from its parent process); None otherwise."""
     from bentoml._internal.context import server_context
 
     index = server_context.worker_index  # 1-based (BentoML's process manager), None outside a server
     workers = configured_workers(server_context.service_name) if index is not None else 1
     if workers <= 1:
-        return Admission(LocalCount(), limit, heavy_limit)
+        return None
     remove_stale()
     count = SharedCount(server_file(os.getppid()), workers, index - 1)
     atexit.register(count.close)
-    return Admission(count, limit, heavy_limit)
+    return count
+
+
+def for_this_worker(limit: int, heavy_limit: int) -> Admission:
+    """This worker's admission: counted with the other workers of its server when there are several."""
+    return Admission(this_workers_share() or LocalCount(), limit, heavy_limit)

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from core import artifacts, registry
 from core.manifest import DatasetRecord, InputSpec, ModelSpec, OfflineMetrics
 from core.models import pick_device
-from service import metric_paths, metrics, paired, placement, recovery, rollout, settings, store, v2
+from service import balance, metric_paths, metrics, paired, placement, recovery, rollout, settings, store, v2
 from service.guard import STATE, FastRoute, Guard
 from service.inference import (
     DEFAULT_TOP_K,
@@ -470,3 +470,4 @@ class ImageClassifier:
 assert {api.route for api in ImageClassifier.apis.values()} == set(ROUTES), "service/routes.py lists every API"
 ImageClassifier.add_asgi_middleware(Guard)
 metric_paths.install()  # BentoML's request metrics label an unknown path as one "(other)"
+balance.install()  # each worker takes its share of the connections (service/balance.py)
