@@ -1,5 +1,5 @@
-"""Connections shared out over the workers: no worker accepts more than SLACK connections beyond the
-least-loaded live worker of its server.
+"""Connections shared out over the workers: each worker accepts connections up to its fair share of those
+open and waiting, plus SLACK.
 
 `bentoml serve` hands every worker the same listening socket, and on each wake-up asyncio's selector loop
 accepts every waiting connection, up to the listen backlog (BaseSelectorEventLoop._accept_connection;
@@ -8,13 +8,17 @@ takes all of them and the others idle for as long as those connections live: on 
 of 64 connections had all 64 on one worker and served 960-1,330 req/s against 2,000 balanced.
 
 Each worker counts its open connections in its slot of the server's shared file (service/admission.py)
-and stamps a heartbeat there every BEAT_S while it serves. Before accepting, a worker computes its room:
-the fewest connections held by another live worker (heartbeat younger than LIVE_S), plus SLACK, minus its
-own. It accepts at most that many; with no room it stops watching the listening socket for PAUSE_S and
-looks again, leaving the waiting connections to the workers that have room (woken by the same arrival).
-The least-loaded live worker always has room, so connections never wait on a full service; a worker that
-is starting, stopped or hung stops beating and is not waited for after LIVE_S. A worker serving alone,
-or outside a multi-worker server, accepts as asyncio does.
+and stamps a heartbeat there every BEAT_S while it serves. Before accepting, a worker reads how many
+connections wait in the listening socket's queue (TCP_INFO) and takes at most its share: the live
+workers' connections (heartbeat younger than LIVE_S) and the waiting ones divided by the live workers,
+and no more than the least-loaded one holds plus its part of the queue; plus SLACK, less its own. A
+burst is thus split in about one step per worker. With no room it stops watching the listening socket
+for PAUSE_S and looks again, leaving the waiting connections to the workers that have room (woken by the
+same arrival). The least-loaded live worker always has room, so connections never wait on a full
+service; a worker that is starting, stopped or hung stops beating and is not waited for after LIVE_S. A
+worker serving alone, or outside a multi-worker server, accepts as asyncio does. Connections stay with
+the worker that accepted them: the balance is of connections as they open (and a worker's closed
+connections are uncounted only when its event loop gets to them).
 
 Python's own event loop only (uvicorn picks uvloop when it is installed; this project does not install it).
 """
@@ -22,21 +26,38 @@ Python's own event loop only (uvicorn picks uvloop when it is installed; this pr
 from __future__ import annotations
 
 import asyncio.selector_events
+import socket
+import struct
 import time
 
 from service import admission
 
-SLACK = 2  # connections a worker may hold beyond the least-loaded live worker
+SLACK = 2  # connections a worker may hold beyond its share
 BEAT_S = 0.1  # heartbeat period of a serving worker
 LIVE_S = 1.0  # a worker whose heartbeat is older is not waited for (starting, stopped, hung or gone)
 PAUSE_S = 0.001  # how long a worker without room leaves the listening socket to the others
+_TCPI_UNACKED = 24  # offset in struct tcp_info: for a listening socket, the connections waiting to be accepted
 
 
-def room(mine: int, others: list[int], backlog: int) -> int:
-    """How many connections a worker holding `mine` may accept now, beside live workers holding `others`."""
+def room(mine: int, others: list[int], waiting: int, backlog: int) -> int:
+    """How many connections a worker holding `mine` may accept now, beside live workers holding `others`,
+    with `waiting` connections in the listening socket's queue."""
     if not others:
         return backlog
-    return max(0, min(min(others) + SLACK - mine, backlog))
+    n = len(others) + 1
+    share = -(-(mine + sum(others) + waiting) // n)  # ceil: an even split of the open and waiting ones
+    # and no more than the least-loaded worker will hold once it takes its part of the queue: a worker late
+    # to wake (a busy machine) finds its part still waiting, not taken by the others' growing shares
+    least = min(others) + -(-waiting // n)
+    return max(0, min(min(share, least) + SLACK - mine, backlog))
+
+
+def waiting(sock) -> int:
+    """Connections waiting in `sock`'s accept queue (Linux TCP_INFO of a listening socket; 0 if unknown)."""
+    try:
+        return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), _TCPI_UNACKED)[0]
+    except (OSError, AttributeError, struct.error):
+        return 0
 
 
 class Balancer:
@@ -46,12 +67,12 @@ class Balancer:
         self.share, self.me = share, share.index
         self.beating = False
 
-    def room(self, backlog: int) -> int:
+    def room(self, waiting: int, backlog: int) -> int:
         now, live_ns = time.monotonic_ns(), int(LIVE_S * 1e9)
         beats, held = self.share.beats, self.share.connections
         others = [held[i] for i in range(self.share.slots)
                   if i != self.me and beats[i] and now - beats[i] < live_ns]
-        return room(held[self.me], others, backlog)
+        return room(held[self.me], others, waiting, backlog)
 
     def opened(self, n: int) -> None:
         self.share.connections[self.me] += n
@@ -116,7 +137,7 @@ def install() -> None:
         balancer = _balancer()
         if balancer is None:
             return accept(self, protocol_factory, sock, sslcontext, server, backlog, *rest)
-        n = balancer.room(backlog)
+        n = balancer.room(waiting(sock), backlog)
         if n:
             return accept(self, protocol_factory, sock, sslcontext, server, n, *rest)
         self._remove_reader(sock.fileno())  # the others take the waiting connections meanwhile

@@ -29,19 +29,40 @@ ONE_IMAGE = json.dumps({"images": [[[0] * 28] * 28]}).encode()
 # ------------------------------------------------------------------------------------------
 # the rule, in process
 
-def test_room_is_the_least_loaded_live_worker_plus_slack_minus_mine():
-    assert balance.room(0, [], backlog=2048) == 2048  # alone: as asyncio
-    assert balance.room(0, [0], backlog=2048) == balance.SLACK
-    assert balance.room(5, [3, 9], backlog=2048) == 3 + balance.SLACK - 5
-    assert balance.room(9, [3, 9], backlog=2048) == 0  # never negative
-    assert balance.room(0, [100], backlog=7) == 7  # never more than the backlog
+def test_room_is_a_fair_share_of_open_and_waiting_connections_plus_slack():
+    assert balance.room(0, [], waiting=64, backlog=2048) == 2048  # alone: as asyncio
+    assert balance.room(0, [0], waiting=64, backlog=2048) == 32 + balance.SLACK  # a burst: half of it at once
+    assert balance.room(34, [0], waiting=30, backlog=2048) == 0  # took its share: the rest is the other's
+    assert balance.room(0, [34], waiting=30, backlog=2048) == 32 + balance.SLACK
+    assert balance.room(0, [0, 0, 0], waiting=1, backlog=2048) == 1 + balance.SLACK  # ceil
+    assert balance.room(3, [5, 9], waiting=0, backlog=2048) == 5 + balance.SLACK - 3  # the least-loaded's 5
+    assert balance.room(22, [0], waiting=42, backlog=2048) == 0 + 21 + balance.SLACK - 22  # the other is late
+    assert balance.room(12, [3, 9], waiting=0, backlog=2048) == 0  # never negative
+    assert balance.room(0, [100], waiting=0, backlog=7) == 7  # never more than the backlog
+
+
+def test_waiting_reads_the_accept_queue_of_a_listening_socket():
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(100)
+        clients = [socket.create_connection(listening.getsockname()) for _ in range(5)]
+        time.sleep(0.05)
+        assert balance.waiting(listening) == 5
+        listening.accept()[0].close()
+        assert balance.waiting(listening) == 4
+        for c in clients:
+            c.close()
+    with socket.socket(socket.AF_UNIX) as other:
+        assert balance.waiting(other) == 0  # no TCP_INFO: unknown
 
 
 def test_a_worker_counts_its_connections_and_waits_only_for_live_peers(tmp_path):
     path = tmp_path / "imgclf-inflight-1-2"
     me, peer = SharedCount(path, 2, 0), SharedCount(path, 2, 1)
     mine = balance.Balancer(me)
-    assert mine.room(2048) == 2048  # the peer never beat: starting, or not serving yet
+    assert mine.room(0, 2048) == 2048  # the peer never beat: starting, or not serving yet
 
     class Protocol:
         def __init__(self):
@@ -52,18 +73,19 @@ def test_a_worker_counts_its_connections_and_waits_only_for_live_peers(tmp_path)
 
     counted = mine.counted(Protocol)
     assert mine.counted(counted) is counted  # resuming does not count twice
-    made = [counted() for _ in range(3)]
-    assert me.connections[0] == 3
+    made = [counted() for _ in range(6)]
+    assert me.connections[0] == 6
     peer.beats[1] = time.monotonic_ns()  # the peer serves, holding nothing
-    assert mine.room(2048) == 0  # 3 > 0 + SLACK
+    assert mine.room(0, 2048) == 0  # 6 > 3 + SLACK
     made[0].connection_lost(None)
-    assert me.connections[0] == 2 and made[0].lost == [None]  # the protocol still hears it
-    assert mine.room(2048) == 0 + balance.SLACK - 2
+    assert me.connections[0] == 5 and made[0].lost == [None]  # the protocol still hears it
+    assert mine.room(0, 2048) == 0
     peer.connections[1] = 5
-    assert mine.room(2048) == 5 + balance.SLACK - 2
+    assert mine.room(0, 2048) == balance.SLACK
+    assert mine.room(4, 2048) == 7 + balance.SLACK - 5
     peer.beats[1] = time.monotonic_ns() - int(2 * balance.LIVE_S * 1e9)  # stopped beating: not waited for
     peer.connections[1] = 0
-    assert mine.room(2048) == 2048
+    assert mine.room(0, 2048) == 2048
 
 
 def test_a_serving_worker_beats_and_a_paused_one_resumes():
@@ -87,16 +109,16 @@ def test_a_serving_worker_beats_and_a_paused_one_resumes():
             port = server.sockets[0].getsockname()[1]
             await asyncio.sleep(0.01)
             assert Share.beats[0] > 0  # beating since it started serving
-            Share.beats[1], Share.connections = time.monotonic_ns() + 10**10, [balance.SLACK, 0]  # no room
+            Share.beats[1], Share.connections = time.monotonic_ns() + 10**10, [10, 0]  # over its share
             client = socket.create_connection(("127.0.0.1", port))
             await asyncio.sleep(0.05)
-            assert Share.connections[0] == balance.SLACK  # not accepted: paused, polling
-            Share.connections[1] = balance.SLACK  # the peer took its share: room again
+            assert Share.connections[0] == 10  # not accepted: paused, polling
+            Share.connections[1] = 10  # the peer took its share: room again
             await asyncio.sleep(0.05)
-            assert Share.connections[0] == balance.SLACK + 1  # accepted and counted
+            assert Share.connections[0] == 11  # accepted and counted
             client.close()
             await asyncio.sleep(0.05)
-            assert Share.connections[0] == balance.SLACK  # lost: uncounted
+            assert Share.connections[0] == 10  # lost: uncounted
             server.close()
             await server.wait_closed()
 
@@ -155,6 +177,7 @@ def _workers(server: Server) -> list[int]:
 def _run(server: Server, workers: list[int], during=None, seconds: float = 3) -> tuple[Counter, dict]:
     """wrk with 64 connections opened at once; the connections each worker holds 1.5 s in."""
     seen: list[Counter] = []
+    _wait_until_closed(workers, server.port)  # a new burst, not one beside the last run's closing connections
 
     def sample():
         if during:
@@ -167,6 +190,26 @@ def _run(server: Server, workers: list[int], during=None, seconds: float = 3) ->
     r = wrk(server.url + "/predict", ONE_IMAGE, connections=64, seconds=seconds)
     sampler.join()
     return seen[0], r
+
+
+def _shared_connections(workers: list[int]) -> list[int]:
+    """The open connections each worker counts in its server's shared file (service/balance.py)."""
+    for path in admission._folder().glob("imgclf-inflight-*"):
+        raw = path.read_bytes()
+        cells = struct.unpack(f"{len(raw) // 8}q", raw)
+        slots = len(cells) // SharedCount.COLUMNS
+        if set(workers) <= set(cells[slots:2 * slots]):
+            return list(cells[2 * slots:3 * slots])
+    return []
+
+
+def _wait_until_closed(workers: list[int], port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sum(_connections_per_worker(workers, port).values()) and not any(_shared_connections(workers)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"connections still open or counted: {_shared_connections(workers)}")
 
 
 @pytest.fixture(scope="module")
