@@ -33,7 +33,7 @@ class FastRoute:
     """An API the guard calls directly: BentoML's own input model for it, and the bound endpoint method."""
 
     input_model: type  # pydantic model (BentoML's APIMethod.input_spec)
-    call: Callable
+    call: Callable | None  # None: a body that is not large takes BentoML's route
     # a body over offload.LARGE_BODY_BYTES: parse(body) -> (header, payload) runs in a child process,
     # answer(header, payload) answers from it in the worker (service/offload.py)
     parse: Callable[[bytes], tuple[dict, bytes]] | None = None
@@ -213,6 +213,8 @@ class Guard:
             except offload.ChildFailed:
                 return None  # pydantic refused it (or the child died): BentoML's route answers
             return await fast.answer(header, payload)
+        if fast.call is None:
+            return None
         try:
             inputs = fast.input_model.model_validate_json(body or b"{}")  # as BentoML's JSON serde parses it
         except ValidationError:

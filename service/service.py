@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import bentoml
 import numpy as np
 import torch
@@ -247,7 +248,10 @@ class ImageClassifier:
         gc.freeze()
         # self.predict.local: once BentoML has set the service up, self.predict is its self-calling proxy
         STATE.fast = {PREDICT.path: FastRoute(ImageClassifier.apis["predict"].input_spec, self.predict.local,
-                                              self._parse_predict_body, self._predict_parsed)}
+                                              self._parse_predict_body, self._predict_parsed),
+                      # /evaluate only for a large body, parsed off the event loop; a small one takes BentoML's route
+                      EVALUATE.path: FastRoute(ImageClassifier.apis["evaluate"].input_spec, None,
+                                               self._parse_evaluate_body, self._evaluate_parsed)}
         # the Open Inference Protocol v2 routes (service/v2.py): the current model and /predict's batching
         v2.SERVED = v2.Served(lambda: self.model, lambda m, x: m.batcher.probabilities(x))
         self._start_challenger(root, name, SETTINGS.reload_poll_s)  # before ready: a ready service serves both
@@ -392,6 +396,34 @@ class ImageClassifier:
             raise InputError(header["refused"], header["reason"], header["status"])
         x = np.frombuffer(bytearray(payload), np.uint8).reshape(header["shape"])
         return await self._predict(model, PREDICT, x, header["top_k"])
+
+    def _parse_evaluate_body(self, body: bytes) -> tuple[dict, bytes]:
+        """A large /evaluate body -> (header, uint8 pixels + int64 labels), computed in a child process
+        (service/offload.py): `evaluate`'s checks in its order (compare, then images and labels, whose refusal
+        waits for the parent's challenger check); a body BentoML's input model refuses raises."""
+        model = self.model
+        inputs = ImageClassifier.apis["evaluate"].input_spec.model_validate_json(body)
+        try:
+            compare = paired.parse_compare(inputs.compare)
+        except InputError as e:
+            return {"refused": str(e), "reason": e.reason, "status": e.status}, b""
+        try:
+            x = parse_images(inputs.images, model.spec)
+            y = parse_labels(inputs.labels, len(x), len(model.classes))
+        except InputError as e:
+            return {"compare": compare, "refused": str(e), "reason": e.reason, "status": e.status}, b""
+        return {"compare": compare, "shape": list(x.shape)}, x.tobytes() + y.astype(np.int64).tobytes()
+
+    @with_model
+    async def _evaluate_parsed(self, model: Classifier, header: dict, payload: bytes) -> JSONResponse:
+        """`evaluate`'s answer from what _parse_evaluate_body computed, computed on a thread as BentoML runs it."""
+        challenger = self._challenger(model, header["compare"]) if "compare" in header else None
+        if "refused" in header:
+            raise InputError(header["refused"], header["reason"], header["status"])
+        pixels = int(np.prod(header["shape"]))
+        x = np.frombuffer(bytearray(payload[:pixels]), np.uint8).reshape(header["shape"])
+        y = np.frombuffer(bytearray(payload[pixels:]), np.int64)
+        return await anyio.to_thread.run_sync(self._evaluate, model, EVALUATE, x, y, challenger)
 
     def _challenger(self, model: Classifier, compare: bool) -> Classifier | None:
         """The challenger a `compare` request pairs with the champion (taken once, like the champion), or None."""

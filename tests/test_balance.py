@@ -145,7 +145,10 @@ def _established_inodes(port: int) -> set[str]:
 def _sockets(pid: int) -> set[str]:
     found = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
         if target.startswith("socket:["):
             found.add(target[8:-1])
     return found
