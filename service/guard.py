@@ -6,8 +6,8 @@ path parameters). Every refused request (4xx) is counted and logged as one WARNI
 
 It runs inside BentoML's own middlewares (metrics, timeout), so their figures include what it refuses; a
 POST /predict reaches it from outside them (service/front.py), which counts the same metrics and time-out.
-It also admits each API request, once its body has arrived, under MAX_CONCURRENCY (counted over all
-workers) and HEAVY_CONCURRENCY (service/admission.py).
+It also admits each API request and each v2 infer request, once its body has arrived, under MAX_CONCURRENCY
+(counted over all workers) and HEAVY_CONCURRENCY (service/admission.py).
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ class Guard:
             return await _send_json(send, 503, body, [(b"content-type", b"application/json"),
                                                       (b"x-imgclf-reason", reason.encode())])
         if scope["type"] == "http" and v2.handles(scope["path"]):  # the Open Inference Protocol (service/v2.py)
-            return await v2.handle(scope, receive, send, STATE, self._body_limit(json_route=True), self.body_timeouts)
+            return await v2.handle(scope, receive, send, STATE, self._body_limit(json_route=True), self.body_timeouts,
+                                   admission=self.admission)
         if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await openapi.documented_spec(self.app, scope, receive, send)
         return await self.app(scope, receive, send)

@@ -13,8 +13,8 @@ from service.routes import ROUTES
 ERROR_STATUSES = {
     "400": "Bad Request: the input is malformed; `error` says what is wrong and what is expected",
     "408": "Request Timeout: the body paused more than BODY_TIMEOUT_S or took more than BODY_DEADLINE_S",
-    "409": "Conflict: `compare` asked for a challenger and none is loaded (reason `no_challenger`), or its classes "
-           "differ from the champion's (`not_comparable`)",
+    "409": "Conflict: `compare` asked for a challenger and none is loaded (reason `no_challenger`), or its input shape "
+           "or classes differ from the champion's (`not_comparable`)",
     "413": "Payload Too Large: body over MAX_BODY_MB, or more images than MAX_IMAGES / MAX_NPZ_IMAGES",
     "415": "Unsupported Media Type: wrong Content-Type, or an image file that is not PNG or JPEG",
     "429": "Too Many Requests: MAX_CONCURRENCY requests in flight in the whole service (reason `overloaded`), or "

@@ -15,6 +15,7 @@ import torch
 
 from core import metrics
 from core.registry import ALPHA, CHALLENGER
+from service import rollout
 from service.inference import Classifier, InputError
 
 NO_CHALLENGER = (f"compare needs a challenger beside the champion and none is loaded: set CHALLENGER to an alias "
@@ -48,13 +49,18 @@ def _form_text(value) -> str:
 
 
 def challenger_for(champion: Classifier, challenger: Classifier | None) -> Classifier:
-    """The challenger to compare with, or an InputError (409) when there is none or its classes differ."""
+    """The challenger to compare with, or an InputError (409) when there is none or it cannot be paired with the
+    champion (rollout.compatible: another input shape or other classes; the message says which, naming both)."""
     if challenger is None:
         raise InputError(NO_CHALLENGER, "no_challenger", 409)
-    if challenger.classes != champion.classes:
-        raise InputError(f"champion {champion.version} and challenger {challenger.version} name different "
-                         f"classes ({champion.classes} vs {challenger.classes}): their answers cannot be paired",
-                         "not_comparable", 409)
+    if not rollout.compatible(challenger, champion):
+        differs = []
+        if challenger.spec.shape != champion.spec.shape:
+            differs.append(f"input shape ({champion.spec.describe()} vs {challenger.spec.describe()})")
+        if challenger.classes != champion.classes:
+            differs.append(f"classes ({champion.classes} vs {challenger.classes})")
+        raise InputError(f"champion {champion.version} and challenger {challenger.version} differ in "
+                         f"{' and '.join(differs)}: their answers cannot be paired", "not_comparable", 409)
     return challenger
 
 

@@ -13,7 +13,10 @@ tensor data extension (tritonclient's default), as raw bytes after the JSON head
 take no path parameters, so the guard (service/guard.py) hands every /v2 path to `handle` here. The
 checks are /predict's: MAX_BODY_MB, MAX_IMAGES and service.inference.parse_images for every value;
 a refusal is a 4xx {"error": "..."} (the protocol's error object), counted in
-imgclf_rejected_requests under the route's template, never its raw path.
+imgclf_rejected_requests under the route's template, never its raw path. An infer request takes a
+place in the service's admission (MAX_CONCURRENCY, service/admission.py) once its body has arrived and
+gives it back when its answer is sent (or on any error, disconnect or time-out), like /predict: over the
+limit it is a 429 with Retry-After. The health and metadata routes take none.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from service import limits, metrics, settings
+from service.admission import Admission
 from service.inference import Classifier, InputError, parse_images
 
 log = logging.getLogger("imgclf")
@@ -71,21 +75,44 @@ def _json(status: int, obj: dict) -> tuple[int, bytes, list]:
     return status, json.dumps(obj).encode(), [(b"content-type", b"application/json")]
 
 
+class Place:
+    """An infer request's place in the guard's admission: taken once its body has arrived, given back once."""
+
+    def __init__(self, admission: Admission):
+        self.admission, self.held = admission, False
+
+    def take(self) -> None:
+        self.admission.enter(INFER)  # raises admission.Overloaded (429) when the service is full
+        self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.admission.leave(INFER)
+
+
 async def handle(scope, receive, send, state, max_body_bytes: int,
-                 body_timeouts: tuple[float, float] = (10, 60)) -> None:
-    """Answer one /v2 request; `state` is the guard's (ready, load_error)."""
+                 body_timeouts: tuple[float, float] = (10, 60), *, admission: Admission) -> None:
+    """Answer one /v2 request; `state` is the guard's (ready, load_error), `admission` the guard's (an infer
+    request holds a place in it from when its body has arrived until its answer is sent)."""
+    place = Place(admission)
     try:
-        status, body, headers = await _answer(scope, receive, state, max_body_bytes, body_timeouts)
-    except limits.ClientGone:
-        return
-    except InputError as e:
-        label = _label(scope["path"])
-        metrics.get().rejected.labels(label, e.reason).inc()
-        log.warning("refused %s %s: %d %s: %s", scope["method"], label, e.status, e.reason,
-                    " ".join(str(e).split())[:500])
-        status, body, headers = _json(e.status, {"error": str(e)})
-        headers.append((b"x-imgclf-reason", e.reason.encode()))
-    await _send(send, status, body, headers)
+        try:
+            status, body, headers = await _answer(scope, receive, state, max_body_bytes, body_timeouts, place)
+        except limits.ClientGone:
+            return
+        except InputError as e:
+            label = _label(scope["path"])
+            metrics.get().rejected.labels(label, e.reason).inc()
+            log.warning("refused %s %s: %d %s: %s", scope["method"], label, e.status, e.reason,
+                        " ".join(str(e).split())[:500])
+            status, body, headers = _json(e.status, {"error": str(e)})
+            headers.append((b"x-imgclf-reason", e.reason.encode()))
+            if getattr(e, "retry_after", None):  # admission's 429 (Overloaded)
+                headers.append((b"retry-after", str(e.retry_after).encode()))
+        await _send(send, status, body, headers)
+    finally:  # the answer sent, an error, the client gone or a time-out (a cancellation)
+        place.give_back()
 
 
 def _method(scope, allowed: str) -> None:
@@ -93,7 +120,8 @@ def _method(scope, allowed: str) -> None:
         raise InputError(f"{scope['method']} {_label(scope['path'])}: this route takes {allowed}", "method", 405)
 
 
-async def _answer(scope, receive, state, max_body_bytes: int, body_timeouts) -> tuple[int, bytes, list]:
+async def _answer(scope, receive, state, max_body_bytes: int, body_timeouts,
+                  place: Place) -> tuple[int, bytes, list]:
     parts = scope["path"].rstrip("/").split("/")[2:]  # "/v2/models/x/infer" -> ["models", "x", "infer"]
     model = SERVED.current() if SERVED is not None and state.ready else None
     not_ready = {"error": f"not ready: {state.load_error or 'the model is still loading'}"}
@@ -120,7 +148,7 @@ async def _answer(scope, receive, state, max_body_bytes: int, body_timeouts) -> 
                          "unknown_model", 404)
     if rest == ["infer"]:
         _method(scope, "POST")
-        return await _infer(scope, receive, model, max_body_bytes, body_timeouts)
+        return await _infer(scope, receive, model, max_body_bytes, body_timeouts, place)
     _method(scope, "GET")
     return _json(200, {"name": model.name, "ready": True} if rest else metadata(model))
 
@@ -135,7 +163,8 @@ def metadata(model: Classifier) -> dict:
             "parameters": {"classes": model.classes}}
 
 
-async def _infer(scope, receive, model: Classifier, max_body_bytes: int, body_timeouts) -> tuple[int, bytes, list]:
+async def _infer(scope, receive, model: Classifier, max_body_bytes: int, body_timeouts,
+                 place: Place) -> tuple[int, bytes, list]:
     headers = dict(scope["headers"])
     if limits.content_type(headers) not in _TAKES:
         raise InputError(f"unsupported content type {limits.content_type(headers)!r}; {INFER} takes application/json "
@@ -144,6 +173,7 @@ async def _infer(scope, receive, model: Classifier, max_body_bytes: int, body_ti
         raise InputError("compressed requests are not supported; send the body uncompressed", "content_encoding", 415)
     limits.declared_length(headers, max_body_bytes)
     body = await limits.read_body(receive, max_body_bytes, *body_timeouts)  # 408 as on every route
+    place.take()  # once the body has arrived: a slow body holds no place
     request, binary = split_body(body, headers.get(b"inference-header-content-length"))
     x, binary_out, request_id = parse_infer_request(request, binary, model.spec)
     t = time.perf_counter()

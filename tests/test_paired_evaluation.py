@@ -18,6 +18,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from core import artifacts, registry
+from core.manifest import InputSpec
 from core.metrics import mcnemar_exact, paired_comparison, paired_difference_interval
 from service.inference import Classifier, InputError
 from service.paired import NO_CHALLENGER, challenger_for, parse_compare
@@ -100,16 +101,35 @@ def test_parse_compare_takes_a_json_boolean_and_the_form_values_true_false_1_0()
         assert str(e.value).endswith(f"got {sent!r}"), e.value
 
 
+GREY28 = InputSpec(1, 28, 28, (0.5,), (0.5,))
+COLOUR32 = InputSpec(3, 32, 32, (0.5,) * 3, (0.5,) * 3)
+
+
 def test_compare_needs_a_loaded_challenger_with_the_same_classes():
-    champion = SimpleNamespace(version="v1", classes=["a", "b"])
+    champion = SimpleNamespace(version="v1", classes=["a", "b"], spec=GREY28)
     with pytest.raises(InputError, match="none is loaded: set CHALLENGER") as e:
         challenger_for(champion, None)
     assert (e.value.status, e.value.reason) == (409, "no_challenger") and "--alias challenger" in NO_CHALLENGER
-    with pytest.raises(InputError, match="name different classes") as e:
-        challenger_for(champion, SimpleNamespace(version="v2", classes=["a", "c"]))
+    different = r"v1 and challenger v2 differ in classes \(\['a', 'b'\] vs \['a', 'c'\]\)"
+    with pytest.raises(InputError, match=different) as e:
+        challenger_for(champion, SimpleNamespace(version="v2", classes=["a", "c"], spec=GREY28))
     assert (e.value.status, e.value.reason) == (409, "not_comparable")
-    same = SimpleNamespace(version="v2", classes=["a", "b"])
+    same = SimpleNamespace(version="v2", classes=["a", "b"], spec=GREY28)
     assert challenger_for(champion, same) is same
+
+
+def test_compare_refuses_a_challenger_of_another_input_shape_saying_what_differs():
+    """The shared check (service/rollout.compatible): the same classes are not enough, the input shape must match."""
+    champion = SimpleNamespace(version="v1", classes=["a", "b"], spec=GREY28)
+    with pytest.raises(InputError) as e:
+        challenger_for(champion, SimpleNamespace(version="v3", classes=["a", "b"], spec=COLOUR32))
+    assert (e.value.status, e.value.reason) == (409, "not_comparable")
+    assert str(e.value) == "champion v1 and challenger v3 differ in input shape (28x28 vs 3x32x32): their answers " \
+                           "cannot be paired"
+    with pytest.raises(InputError) as e:  # both differ: both are named
+        challenger_for(champion, SimpleNamespace(version="v4", classes=["x"], spec=COLOUR32))
+    assert str(e.value) == "champion v1 and challenger v4 differ in input shape (28x28 vs 3x32x32) and classes " \
+                           "(['a', 'b'] vs ['x']): their answers cannot be paired"
 
 
 # --- the service's endpoints, in-process on two real versions ----------------------------------
@@ -217,6 +237,23 @@ def test_compare_false_is_the_plain_answer_and_bad_values_or_no_challenger_are_r
         assert (status, got["reason"]) == (400, "compare") and "compare must be true or false" in got["error"]
     status, got = answer(service(champion, None).evaluate(images=images, labels=labels, compare=True))
     assert (status, got["reason"], got["error"]) == (409, "no_challenger", NO_CHALLENGER)
+
+
+def test_compare_with_a_challenger_of_another_input_shape_is_a_409_on_both_endpoints(pair, official_test, tmp_path):
+    champion, _ = pair
+    x, y = official_test
+    other = SimpleNamespace(version="colour-v1", classes=list(champion.classes), spec=COLOUR32)
+    npz = tmp_path / "few.npz"
+    buf = io.BytesIO()
+    np.savez(buf, images=x[:20, 0], labels=y[:20])
+    npz.write_bytes(buf.getvalue())
+    svc = service(champion, other)
+    for response in (svc.evaluate(images=x[:20, 0].tolist(), labels=y[:20].tolist(), compare=True),
+                     svc.evaluate_npz(file=npz, compare=1)):
+        status, got = answer(response)
+        assert (status, got["reason"]) == (409, "not_comparable"), got
+        assert got["error"].startswith(f"champion {champion.version} and challenger colour-v1 differ in input shape "
+                                       "(28x28 vs 3x32x32):"), got
 
 
 def test_the_evaluate_endpoints_stay_synchronous():
