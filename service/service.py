@@ -349,7 +349,7 @@ class ImageClassifier:
     def _size_bodies(self, model: Classifier) -> None:
         """The body limit for this model's input: MAX_BODY_MB, or its largest legal request (service/settings.py)."""
         STATE.max_body_bytes = SETTINGS.body_limit(model.spec.shape, len(model.classes))
-        # JSON bodies are parsed whole, on the event loop for /evaluate: they get the JSON routes' own bound
+        # JSON bodies are parsed whole (small ones on the event loop): they get the JSON routes' own bound
         STATE.max_json_body_bytes = SETTINGS.body_limit(model.spec.shape, len(model.classes), json_only=True)
         self.limits = {**self.limits, "max_body_bytes": STATE.max_body_bytes,
                        "max_json_body_bytes": STATE.max_json_body_bytes}
