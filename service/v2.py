@@ -21,6 +21,7 @@ limit it is a 429 with Retry-After. The health and metadata routes take none.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service import limits, metrics, settings
+from service import limits, metrics, offload, settings
 from service.admission import Admission
 from service.inference import Classifier, InputError, parse_images
 
@@ -174,8 +175,7 @@ async def _infer(scope, receive, model: Classifier, max_body_bytes: int, body_ti
     limits.declared_length(headers, max_body_bytes)
     body = await limits.read_body(receive, max_body_bytes, *body_timeouts)  # 408 as on every route
     place.take()  # once the body has arrived: a slow body holds no place
-    request, binary = split_body(body, headers.get(b"inference-header-content-length"))
-    x, binary_out, request_id = parse_infer_request(request, binary, model.spec)
+    x, binary_out, request_id = await parse_body(body, headers.get(b"inference-header-content-length"), model.spec)
     t = time.perf_counter()
     probs = await SERVED.probabilities(model, x)
     m = metrics.get()
@@ -184,6 +184,29 @@ async def _infer(scope, receive, model: Classifier, max_body_bytes: int, body_ti
     for label in probs.argmax(1).tolist():
         m.predictions.labels(model.version, model.classes[label]).inc()
     return infer_answer(model, probs, request_id, binary_out)
+
+
+async def parse_body(body: bytes, header_length: bytes | None, spec) -> tuple[np.ndarray, bool, str | None]:
+    """parse_infer_request of the body; a body over 1 MiB is parsed in a child process, off the event loop, as
+    /predict's and /evaluate's are (service/offload.py)."""
+    if len(body) <= offload.LARGE_BODY_BYTES:
+        return parse_infer_request(*split_body(body, header_length), spec)
+    try:
+        header, payload = await offload.run(functools.partial(_parse_in_child, body, header_length, spec))
+    except offload.ChildFailed:  # the child died (out of memory): parsed here instead
+        return parse_infer_request(*split_body(body, header_length), spec)
+    if "refused" in header:
+        raise InputError(header["refused"], header["reason"], header["status"])
+    x = np.frombuffer(bytearray(payload), np.uint8).reshape(header["shape"])
+    return x, header["binary_out"], header["id"]
+
+
+def _parse_in_child(body: bytes, header_length: bytes | None, spec) -> tuple[dict, bytes]:
+    try:
+        x, binary_out, request_id = parse_infer_request(*split_body(body, header_length), spec)
+    except InputError as e:
+        return {"refused": str(e), "reason": e.reason, "status": e.status}, b""
+    return {"shape": list(x.shape), "binary_out": binary_out, "id": request_id}, x.tobytes()
 
 
 def split_body(body: bytes, header_length: bytes | None) -> tuple[object, bytes]:

@@ -72,3 +72,32 @@ def test_large_evaluate_refusals_are_the_endpoints_in_its_order(pair, fashion, c
     assert len(children) == len(cases)
     invalid = body.replace(b'"labels": [', b'"labels": [[')  # BentoML's input model refuses it: its route answers
     assert asyncio.run(Guard._fast_answer(_fast(svc), invalid)) is None
+
+
+def test_a_large_v2_infer_body_is_parsed_in_a_child_with_the_same_result_and_refusals(pair, fashion, children):  # noqa: F811
+    from service import v2
+    from service.inference import InputError
+
+    spec = pair[0].spec
+    images = fashion.test_x[:600].numpy()  # (600, 1, 28, 28)
+
+    def body(shape, data) -> bytes:
+        return json.dumps({"id": "r1", "inputs": [{"name": "images", "datatype": "UINT8", "shape": shape,
+                                                   "data": data}]}).encode()
+
+    large = body([600, 1, 28, 28], images.tolist())
+    assert len(large) > offload.LARGE_BODY_BYTES
+    x, binary_out, request_id = asyncio.run(v2.parse_body(large, None, spec))
+    assert len(children) == 1  # parsed in a child
+    assert (x == images).all() and x.dtype == images.dtype and (binary_out, request_id) == (False, "r1")
+    short = body([601, 1, 28, 28], images.tolist())  # the shape says one image more than the data holds
+    with pytest.raises(InputError) as refused:
+        asyncio.run(v2.parse_body(short, None, spec))
+    with pytest.raises(InputError) as direct:
+        v2.parse_infer_request(json.loads(short), b"", spec)
+    assert (refused.value.status, refused.value.reason, str(refused.value)) == \
+        (direct.value.status, direct.value.reason, str(direct.value))
+    assert len(children) == 2
+    small = body([1, 1, 28, 28], images[:1].tolist())
+    assert (asyncio.run(v2.parse_body(small, None, spec))[0] == images[:1]).all()
+    assert len(children) == 2  # a small body is parsed in place
