@@ -151,10 +151,21 @@ class Guard:
             return await refuse(scope, send, e)
         except limits.ClientGone:
             return metrics.get().abandoned.labels(route.path).inc()
+        place = [route.path]  # given back once: when the answer's last byte is sent, or on any other way out
+
+        def leave() -> None:
+            if place:
+                self.admission.leave(place.pop())
+
+        async def send_then_leave(message):
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                leave()  # the client has its answer: what follows (an upload's temporary file closed) holds no place
+
         try:
-            return await self._admitted(route, fast, body, scope, receive, send)
-        finally:  # the answer sent, an error, the client gone or a time-out (a cancellation)
-            self.admission.leave(route.path)
+            return await self._admitted(route, fast, body, scope, receive, send_then_leave)
+        finally:  # an error, the client gone or a time-out (a cancellation)
+            leave()
 
     async def _admitted(self, route: Route, fast: FastRoute | None, body: bytes, scope, receive, send):
         client, receive = receive, limits.replay(body)

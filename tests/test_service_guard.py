@@ -94,3 +94,49 @@ def test_every_api_route_documents_every_refusal():
     for path in ROUTES:
         assert set(openapi.ERROR_STATUSES) <= set(spec["paths"][path]["post"]["responses"])
     assert set(spec["paths"]["/livez"]["post"]["responses"]) == {"200"}
+
+
+def test_a_place_is_given_back_when_the_answer_is_sent_not_when_the_app_returns():
+    """An answer's last byte sent frees its MAX_CONCURRENCY place at once: what the app does after it (Starlette
+    closing an upload's temporary file) must not refuse the client's next request with 429 below the limit."""
+    from service import admission
+    from service.guard import Guard
+
+    cleanup = asyncio.Event()
+    seen_after_answer = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+        seen_after_answer.append(guard.admission.count.total())
+        await cleanup.wait()  # still running, the answer sent
+
+    guard = Guard(app)
+    guard.admission = admission.Admission(admission.LocalCount(), 1, heavy_limit=1)
+    body = json.dumps({"images": [[[0] * 28] * 28], "labels": [0]}).encode()
+
+    async def call():
+        chunks = [body]
+
+        async def receive():
+            if chunks:
+                return {"type": "http.request", "body": chunks.pop(), "more_body": False}
+            await asyncio.Event().wait()
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/evaluate", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")]}
+        first = asyncio.create_task(guard(scope, receive, send))
+        while not seen_after_answer:
+            await asyncio.sleep(0)
+        assert guard.admission.count.total() == 0  # the app still runs, its place is free
+        guard.admission.enter("/evaluate")  # the next request is admitted under MAX_CONCURRENCY=1
+        guard.admission.leave("/evaluate")
+        cleanup.set()
+        await first
+        assert guard.admission.count.total() == 0  # given back once, not twice
+
+    asyncio.run(call())
+    assert seen_after_answer == [0]
