@@ -177,10 +177,13 @@ def _workers(server: Server) -> list[int]:
     return found
 
 
-def _run(server: Server, workers: list[int], during=None, seconds: float = 3) -> tuple[Counter, dict]:
-    """wrk with 64 connections opened at once; the connections each worker holds 1.5 s in."""
+def _run(server: Server, workers: list[int], before=None, during=None, seconds: float = 3) -> tuple[Counter, dict]:
+    """wrk with 64 connections opened at once; the connections each worker holds 1.5 s in. `before()` runs
+    once the last run's connections are closed and uncounted, `during()` as wrk starts."""
     seen: list[Counter] = []
     _wait_until_closed(workers, server.port)  # a new burst, not one beside the last run's closing connections
+    if before:
+        before()
 
     def sample():
         if during:
@@ -260,9 +263,9 @@ def test_a_worker_late_to_wake_still_gets_its_share(two_workers):
     is not scheduled: the other takes only its share and leaves the rest waiting for it."""
     server, workers = two_workers
     late = workers[1]
-    os.kill(late, signal.SIGSTOP)  # before wrk connects
-    try:
-        held, r = _run(server, workers, during=lambda: (time.sleep(0.3), os.kill(late, signal.SIGCONT)))
+    try:  # stopped before wrk connects (once the last run's connections are closed: it could not close them)
+        held, r = _run(server, workers, before=lambda: os.kill(late, signal.SIGSTOP),
+                       during=lambda: (time.sleep(0.3), os.kill(late, signal.SIGCONT)))
     finally:
         os.kill(late, signal.SIGCONT)
     print(f"late worker: connections per worker {dict(held)}, {r['requests_per_s']:.0f} req/s")
@@ -277,9 +280,8 @@ def test_a_stopped_worker_is_not_waited_for(two_workers):
     answers every request."""
     server, workers = two_workers
     stopped, serving = workers
-    os.kill(stopped, signal.SIGSTOP)
     try:
-        held, r = _run(server, workers, seconds=4)
+        held, r = _run(server, workers, before=lambda: os.kill(stopped, signal.SIGSTOP), seconds=4)
     finally:
         os.kill(stopped, signal.SIGCONT)
     print(f"stopped worker: connections per worker {dict(held)}, {r['requests']} requests")
