@@ -181,6 +181,23 @@ class Admission:
             self.heavy -= 1
 
 
+class Place:
+    """One request's place in an admission: taken once its body has arrived, given back once (when its answer
+    is sent, or on any other way out, whichever comes first)."""
+
+    def __init__(self, admission: Admission, path: str):
+        self.admission, self.path, self.held = admission, path, False
+
+    def take(self) -> None:
+        self.admission.enter(self.path)  # raises Overloaded (429) when the service is full
+        self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.admission.leave(self.path)
+
+
 def configured_workers(service: str) -> int:
     """The worker count BentoML starts for `service`, read from its merged configuration."""
     from bentoml._internal.configuration.containers import BentoMLContainer

@@ -26,6 +26,7 @@ Python's own event loop only (uvicorn picks uvloop when it is installed; this pr
 from __future__ import annotations
 
 import asyncio.selector_events
+import functools
 import socket
 import struct
 import time
@@ -105,15 +106,11 @@ class Balancer:
         return protocol
 
 
+@functools.cache
 def _balancer() -> Balancer | None:
-    global _BALANCER
-    if _BALANCER is None:
-        share = admission.this_workers_share()
-        _BALANCER = Balancer(share) if share is not None else False
-    return _BALANCER or None
-
-
-_BALANCER: Balancer | bool | None = None
+    """This worker's balancer, once its server's shared file is known; None when it serves alone."""
+    share = admission.this_workers_share()
+    return Balancer(share) if share is not None else None
 
 
 def install() -> None:

@@ -144,28 +144,24 @@ class Guard:
             scope = {**scope, "method": "POST", "headers": [h for h in scope["headers"] if h[0] != b"content-type"]}
         fast = STATE.fast.get(route.path) if scope["method"] == "POST" else None
         rollout.pin(scope["headers"])  # x-model-version, read by the endpoints (service/rollout.py)
+        place = admission.Place(self.admission, route.path)
         try:  # the whole body first, with its timeouts: a slow one holds no place in the concurrency limits
             body = await self._checked_body(route, scope, receive)
-            self.admission.enter(route.path)
+            place.take()
         except InputError as e:
             return await refuse(scope, send, e)
         except limits.ClientGone:
             return metrics.get().abandoned.labels(route.path).inc()
-        place = [route.path]  # given back once: when the answer's last byte is sent, or on any other way out
-
-        def leave() -> None:
-            if place:
-                self.admission.leave(place.pop())
 
         async def send_then_leave(message):
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                leave()  # the client has its answer: what follows (an upload's temporary file closed) holds no place
+                place.give_back()  # the client has its answer: what follows (an upload's file closed) holds none
 
         try:
             return await self._admitted(route, fast, body, scope, receive, send_then_leave)
         finally:  # an error, the client gone or a time-out (a cancellation)
-            leave()
+            place.give_back()
 
     async def _admitted(self, route: Route, fast: FastRoute | None, body: bytes, scope, receive, send):
         client, receive = receive, limits.replay(body)

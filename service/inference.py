@@ -42,6 +42,16 @@ class InputError(ValueError):
         super().__init__(message)
         self.status, self.reason = status, reason
 
+    def header(self) -> dict:
+        """This refusal as JSON fields, to cross from a child process (service/offload.py) to the worker."""
+        return {"refused": str(self), "reason": self.reason, "status": self.status}
+
+    @classmethod
+    def raise_carried(cls, header: dict) -> None:
+        """Raise the refusal a child's `header` carries (InputError.header), if it carries one."""
+        if "refused" in header:
+            raise cls(header["refused"], header["reason"], header["status"])
+
 
 def _type_name(v) -> str:
     names = {bool: "boolean", str: "string", dict: "object", list: "array"}

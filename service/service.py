@@ -386,14 +386,13 @@ class ImageClassifier:
             x, top_k = parse_predict_request({"images": inputs.images, "top_k": inputs.top_k}, model.spec,
                                              len(model.classes))
         except InputError as e:
-            return {"refused": str(e), "reason": e.reason, "status": e.status}, b""
+            return e.header(), b""
         return {"shape": list(x.shape), "top_k": top_k}, x.tobytes()
 
     @with_model
     async def _predict_parsed(self, model: Classifier, header: dict, payload: bytes) -> JSONResponse:
         """`predict`'s answer from what _parse_predict_body computed."""
-        if "refused" in header:
-            raise InputError(header["refused"], header["reason"], header["status"])
+        InputError.raise_carried(header)
         x = np.frombuffer(bytearray(payload), np.uint8).reshape(header["shape"])
         return await self._predict(model, PREDICT, x, header["top_k"])
 
@@ -406,20 +405,19 @@ class ImageClassifier:
         try:
             compare = paired.parse_compare(inputs.compare)
         except InputError as e:
-            return {"refused": str(e), "reason": e.reason, "status": e.status}, b""
+            return e.header(), b""
         try:
             x = parse_images(inputs.images, model.spec)
             y = parse_labels(inputs.labels, len(x), len(model.classes))
         except InputError as e:
-            return {"compare": compare, "refused": str(e), "reason": e.reason, "status": e.status}, b""
+            return {"compare": compare, **e.header()}, b""
         return {"compare": compare, "shape": list(x.shape)}, x.tobytes() + y.astype(np.int64).tobytes()
 
     @with_model
     async def _evaluate_parsed(self, model: Classifier, header: dict, payload: bytes) -> JSONResponse:
         """`evaluate`'s answer from what _parse_evaluate_body computed, computed on a thread as BentoML runs it."""
         challenger = self._challenger(model, header["compare"]) if "compare" in header else None
-        if "refused" in header:
-            raise InputError(header["refused"], header["reason"], header["status"])
+        InputError.raise_carried(header)
         pixels = int(np.prod(header["shape"]))
         x = np.frombuffer(bytearray(payload[:pixels]), np.uint8).reshape(header["shape"])
         y = np.frombuffer(bytearray(payload[pixels:]), np.int64)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from service import limits, metrics, offload, settings
-from service.admission import Admission
+from service.admission import Admission, Place
 from service.inference import Classifier, InputError, parse_images
 
 log = logging.getLogger("imgclf")
@@ -76,27 +76,11 @@ def _json(status: int, obj: dict) -> tuple[int, bytes, list]:
     return status, json.dumps(obj).encode(), [(b"content-type", b"application/json")]
 
 
-class Place:
-    """An infer request's place in the guard's admission: taken once its body has arrived, given back once."""
-
-    def __init__(self, admission: Admission):
-        self.admission, self.held = admission, False
-
-    def take(self) -> None:
-        self.admission.enter(INFER)  # raises admission.Overloaded (429) when the service is full
-        self.held = True
-
-    def give_back(self) -> None:
-        if self.held:
-            self.held = False
-            self.admission.leave(INFER)
-
-
 async def handle(scope, receive, send, state, max_body_bytes: int,
                  body_timeouts: tuple[float, float] = (10, 60), *, admission: Admission) -> None:
     """Answer one /v2 request; `state` is the guard's (ready, load_error), `admission` the guard's (an infer
     request holds a place in it from when its body has arrived until its answer is sent)."""
-    place = Place(admission)
+    place = Place(admission, INFER)
     try:
         try:
             status, body, headers = await _answer(scope, receive, state, max_body_bytes, body_timeouts, place)
@@ -195,8 +179,7 @@ async def parse_body(body: bytes, header_length: bytes | None, spec) -> tuple[np
         header, payload = await offload.run(functools.partial(_parse_in_child, body, header_length, spec))
     except offload.ChildFailed:  # the child died (out of memory): parsed here instead
         return parse_infer_request(*split_body(body, header_length), spec)
-    if "refused" in header:
-        raise InputError(header["refused"], header["reason"], header["status"])
+    InputError.raise_carried(header)
     x = np.frombuffer(bytearray(payload), np.uint8).reshape(header["shape"])
     return x, header["binary_out"], header["id"]
 
@@ -205,7 +188,7 @@ def _parse_in_child(body: bytes, header_length: bytes | None, spec) -> tuple[dic
     try:
         x, binary_out, request_id = parse_infer_request(*split_body(body, header_length), spec)
     except InputError as e:
-        return {"refused": str(e), "reason": e.reason, "status": e.status}, b""
+        return e.header(), b""
     return {"shape": list(x.shape), "binary_out": binary_out, "id": request_id}, x.tobytes()
 
 

@@ -88,7 +88,7 @@ def test_a_worker_counts_its_connections_and_waits_only_for_live_peers(tmp_path)
     assert mine.room(0, 2048) == 2048
 
 
-def test_a_serving_worker_beats_and_a_paused_one_resumes():
+def test_a_serving_worker_beats_and_a_paused_one_resumes(monkeypatch):
     """The patched loop methods: start-serving starts the heartbeat; with no room the listening socket is
     left alone for PAUSE_S and then watched again."""
     import socket
@@ -102,29 +102,27 @@ def test_a_serving_worker_beats_and_a_paused_one_resumes():
 
     balance.install()
     mine = balance.Balancer(Share())
-    old, balance._BALANCER = balance._BALANCER, mine
-    try:
-        async def main():
-            server = await asyncio.get_running_loop().create_server(Protocol, "127.0.0.1", 0)
-            port = server.sockets[0].getsockname()[1]
-            await asyncio.sleep(0.01)
-            assert Share.beats[0] > 0  # beating since it started serving
-            Share.beats[1], Share.connections = time.monotonic_ns() + 10**10, [10, 0]  # over its share
-            client = socket.create_connection(("127.0.0.1", port))
-            await asyncio.sleep(0.05)
-            assert Share.connections[0] == 10  # not accepted: paused, polling
-            Share.connections[1] = 10  # the peer took its share: room again
-            await asyncio.sleep(0.05)
-            assert Share.connections[0] == 11  # accepted and counted
-            client.close()
-            await asyncio.sleep(0.05)
-            assert Share.connections[0] == 10  # lost: uncounted
-            server.close()
-            await server.wait_closed()
+    monkeypatch.setattr(balance, "_balancer", lambda: mine)
 
-        asyncio.run(main())
-    finally:
-        balance._BALANCER = old
+    async def main():
+        server = await asyncio.get_running_loop().create_server(Protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        await asyncio.sleep(0.01)
+        assert Share.beats[0] > 0  # beating since it started serving
+        Share.beats[1], Share.connections = time.monotonic_ns() + 10**10, [10, 0]  # over its share
+        client = socket.create_connection(("127.0.0.1", port))
+        await asyncio.sleep(0.05)
+        assert Share.connections[0] == 10  # not accepted: paused, polling
+        Share.connections[1] = 10  # the peer took its share: room again
+        await asyncio.sleep(0.05)
+        assert Share.connections[0] == 11  # accepted and counted
+        client.close()
+        await asyncio.sleep(0.05)
+        assert Share.connections[0] == 10  # lost: uncounted
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
 
 
 # ------------------------------------------------------------------------------------------
