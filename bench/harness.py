@@ -97,18 +97,33 @@ class Server:
         # folder there at start, which would wipe another running server's metrics
         self._own_home = not env.get("BENTOML_HOME")
         self.home = Path(env.get("BENTOML_HOME") or tempfile.mkdtemp(prefix="bentoml-home-"))
-        full_env = {**os.environ, "DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true",
-                    **({"WORKERS": str(workers)} if workers is not None else {}), **env, "BENTOML_HOME": str(self.home)}
+        self._env = {**os.environ, "DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true",
+                     **({"WORKERS": str(workers)} if workers is not None else {}), **env,
+                     "BENTOML_HOME": str(self.home)}
+        self._cmd, self._cwd = cmd or SERVICE_CMD, cwd or ROOT
+        self._start()
+
+    def _start(self) -> None:
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([*(cmd or SERVICE_CMD), "--port", str(self.port), "--host", "127.0.0.1"],
-                                         cwd=cwd or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen([*self._cmd, "--port", str(self.port), "--host", "127.0.0.1"],
+                                         cwd=self._cwd, env=self._env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        wait_ready(lambda: self.probe(self.url), self.proc, timeout or self.ready_timeout, self.log)
+        """Until ready. A server that could not bind its port (another process took it between free_port()
+        and the bind: servers start side by side) starts again on another port, up to twice."""
+        for attempt in range(3):
+            try:
+                return wait_ready(lambda: self.probe(self.url), self.proc, timeout or self.ready_timeout, self.log)
+            except RuntimeError:
+                if attempt == 2 or "Address already in use" not in self.log():
+                    raise
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self._start()
 
     def __enter__(self) -> Server:
         """`with Server(env) as s:` - ready inside the block, stopped after it (also when start-up fails)."""

@@ -107,3 +107,27 @@ def test_a_tiny_run_measures_the_service_and_both_baselines(lenet_version, tmp_p
             assert row[f"{t}_requests_per_s"] > 0 and row[f"{t}_non_2xx"] == 0
     assert res["evaluate"]["service_images_per_s"] > 0
     assert len(list(tmp_path.glob("serving-*.json"))) == 1 and len(list(tmp_path.glob("serving-*.png"))) == 1
+
+
+def test_a_server_whose_port_was_taken_meanwhile_starts_on_another(monkeypatch):
+    """Servers start side by side: a port free a moment ago can be taken before the server binds it (CI once
+    saw `bentoml serve` exit with EADDRINUSE). The harness starts it again on another port."""
+    import socket
+
+    import httpx
+
+    from bench import harness
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    ports = iter([taken.getsockname()[1]])
+    real_free_port = harness.free_port
+    monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or real_free_port())
+    serve = ("import sys, http.server; port = int(sys.argv[sys.argv.index('--port') + 1]); "
+             "http.server.HTTPServer(('127.0.0.1', port), http.server.SimpleHTTPRequestHandler).serve_forever()")
+    server = harness.Server({}, cmd=[sys.executable, "-c", serve], workers=None,
+                            probe=lambda url: httpx.get(url, timeout=2).status_code == 200, ready_timeout=20)
+    with taken, server as s:
+        assert s.port != taken.getsockname()[1]
+        assert httpx.get(s.url, timeout=2).status_code == 200
